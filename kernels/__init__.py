@@ -1,0 +1,1 @@
+"""Triton kernels of moelora, installed as the subpackage `moelora.kernels`."""
