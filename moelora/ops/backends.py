@@ -20,7 +20,6 @@ Every backend implements the same two functions on already-validated, canonical 
 """
 from __future__ import annotations
 
-import functools
 import os
 from dataclasses import dataclass
 from typing import Callable
@@ -38,7 +37,7 @@ class Backend:
     name: str
     forward: Callable
     backward: Callable
-    supports: Callable[[torch.device], bool]
+    supports: Callable[[torch.device, tuple], bool]  # (device, (x dtype, adapter dtype))
 
 
 # --------------------------------------------------------------------------------------------
@@ -120,21 +119,25 @@ def _torch_backward(grad_out, x, weight, lora_a, lora_b, idx, gates, h, scaling,
 # --------------------------------------------------------------------------------------------
 # triton: fused kernels in moelora.kernels (GPU, or CPU tensors under TRITON_INTERPRET=1).
 # --------------------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=None)
+_triton_kernels = []  # [module or None] once imported; a plain list keeps dynamo tracing simple
+
+
 def _triton_module():
-    try:
-        from moelora.kernels import molora as triton_molora
-    except Exception:  # triton missing or broken: the backend is simply unavailable
-        return None
-    return triton_molora
+    if not _triton_kernels:
+        try:
+            from moelora.kernels import molora as triton_molora
+        except Exception:  # triton missing or broken: the backend is simply unavailable
+            triton_molora = None
+        _triton_kernels.append(triton_molora)
+    return _triton_kernels[0]
 
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _triton_supports(device: torch.device) -> bool:
-    if _triton_module() is None:
+def triton_supports(device: torch.device, dtypes: tuple) -> bool:
+    if _triton_module() is None or torch.float64 in dtypes:  # fp64 has no tensor-core path
         return False
     return device.type == "cuda" or (device.type == "cpu" and _interpreting())
 
@@ -157,15 +160,15 @@ def _extension_backend(kind: str) -> Backend:
     def backward(*args):
         return getattr(torch.ops.moelora, f"{kind}_backward")(*args)
 
-    def supports(device: torch.device) -> bool:
+    def supports(device: torch.device, dtypes: tuple) -> bool:
         return device.type == kind and extension.has_op(f"{kind}_forward")
 
     return Backend(kind, forward, backward, supports)
 
 
 BACKENDS: dict[str, Backend] = {
-    "torch": Backend("torch", _torch_forward, _torch_backward, lambda device: True),
-    "triton": Backend("triton", _triton_forward, _triton_backward, _triton_supports),
+    "torch": Backend("torch", _torch_forward, _torch_backward, lambda device, dtypes: True),
+    "triton": Backend("triton", _triton_forward, _triton_backward, triton_supports),
     "cuda": _extension_backend("cuda"),
     "cpu": _extension_backend("cpu"),
 }
@@ -175,27 +178,40 @@ BACKENDS: dict[str, Backend] = {
 _AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpu", "torch")}
 
 
-def available_backends(device: torch.device | str) -> list[str]:
+def available_backends(
+    device: torch.device | str, dtype: torch.dtype = torch.float32
+) -> list[str]:
+    """Backends that can run the op on this device for activations and adapters of `dtype`."""
     device = torch.device(device)
-    return [name for name, b in BACKENDS.items() if b.supports(device)]
+    return [name for name, b in BACKENDS.items() if b.supports(device, (dtype,))]
 
 
-def resolve_backend(name: str, device: torch.device) -> Backend:
-    """Map a user's backend name to an implementation, or raise naming what is available."""
-    env_choice = os.environ.get("MOELORA_BACKEND")
-    if name == "auto" and env_choice:
-        name = env_choice
+@torch.compiler.assume_constant_result
+def _usable_backends(device: torch.device, dtypes: tuple) -> tuple:
+    # Evaluated eagerly and treated as a constant under torch.compile: availability probes
+    # import modules and may warn, which dynamo cannot trace.
+    return tuple(name for name, b in BACKENDS.items() if b.supports(device, dtypes))
+
+
+def resolve_backend(name: str, device: torch.device, dtypes: tuple) -> str:
+    """Map a user's backend name to an available backend's name, or raise naming the choices.
+
+    `auto` (or the MOELORA_BACKEND environment variable, which overrides it) takes the first
+    available of _AUTO_ORDER for the device type.
+    """
+    if name == "auto":
+        name = os.environ.get("MOELORA_BACKEND", "auto")
     if name not in BACKEND_NAMES:
         raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {name!r}")
+    usable = _usable_backends(device, dtypes)
     if name == "auto":
         for candidate in _AUTO_ORDER.get(device.type, ("torch",)):
-            if BACKENDS[candidate].supports(device):
-                return BACKENDS[candidate]
-        return BACKENDS["torch"]
-    backend = BACKENDS[name]
-    if not backend.supports(device):
+            if candidate in usable:
+                return candidate
+        return "torch"
+    if name not in usable:
         raise ValueError(
-            f"backend {name!r} is not available for tensors on {device}; "
-            f"available: {available_backends(device)}"
+            f"backend {name!r} is not available for {'/'.join(map(str, dtypes))} tensors on "
+            f"{device}; available: {list(usable)}"
         )
-    return backend
+    return name

@@ -242,7 +242,7 @@ def molora_linear(
         expert_weights, and weight / bias when they require grad.
     """
     _validate(x, weight, bias, lora_a, lora_b, expert_indices, expert_weights, scaling)
-    impl = resolve_backend(backend, x.device)
+    backend = resolve_backend(backend, x.device, (x.dtype, lora_a.dtype))
     lead = x.shape[:-1]
     d_in = x.shape[-1]
     d_out = weight.shape[0]
@@ -259,6 +259,6 @@ def molora_linear(
         expert_indices.reshape(-1, k).to(torch.int64).contiguous(),
         expert_weights.reshape(-1, k).to(accumulate_dtype(x.dtype, lora_a.dtype)).contiguous(),
         float(scaling),
-        impl.name,
+        backend,
     )
     return y.reshape(*lead, d_out)

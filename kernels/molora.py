@@ -1,0 +1,326 @@
+"""Triton kernels of the core op (spec §1): routed multi-LoRA linear, forward and backward.
+
+The base GEMMs (W x forward, W^T dy backward) stay in cuBLAS (perf.md: keep the big GEMM in
+cuBLAS unless a Triton GEMM matches it on the device); the LoRA work is three kernels, each
+used twice with different operand strides:
+
+    shrink  out[slot, :]  = M_e @ src[token]              h = A_e x      u = B_e^T dy (+ dg)
+    expand  dst[t, :]    += s * sum_j g[t,j] M_e v[t,j]   y += B_e h     dx += A_e^T u
+    wgrad   out_e        += s * sum_{slots of e} g src[token] v^T   dB_e          dA_e
+
+`shrink` and `wgrad` walk the slots grouped by expert (a sort of the ids, no host sync), so
+every tile multiplies one expert's matrix on the tensor cores. `expand` is token-major so that
+each output row is written by exactly one program (deterministic, no atomics): a tile loops
+over the experts, skipping those no slot in the tile uses.
+
+Rank vectors (h, u) live in fp32 (perf.md: keep the rank intermediate in fp32). Every offset
+that multiplies a token index is int64.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+# Rows of sorted slots per program in shrink / wgrad. tl.dot needs every dim >= 16.
+GROUP_BLOCK_M = 64
+
+
+def _rank_block(r: int) -> int:
+    return max(16, triton.next_power_of_2(r))
+
+
+# Triton's interpreter multiplies bfloat16 tiles as their raw uint16 bits (triton 3.6-3.9), so
+# under TRITON_INTERPRET=1 every dot runs on fp32 copies. A 16-bit product is exact in fp32, so
+# this matches the tensor cores' fp32-accumulated result up to summation order.
+_INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_HALF_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def _dot_in_fp32(*dtypes: torch.dtype) -> bool:
+    """Tensor-core dot in the operands' 16-bit type when they share one; otherwise exact fp32."""
+    return _INTERPRETING or len(set(dtypes)) != 1 or dtypes[0] not in _HALF_DTYPES
+
+
+# --------------------------------------------------------------------------------------------
+# routing plan: slots grouped by expert, in blocks of GROUP_BLOCK_M rows that never straddle two
+# experts. All shapes are static (functions of T, k, E), so no host sync and CUDA-graph safe.
+# --------------------------------------------------------------------------------------------
+class GroupPlan:
+    def __init__(self, expert_indices: torch.Tensor, num_experts: int, block_m: int = GROUP_BLOCK_M):
+        flat = expert_indices.reshape(-1)
+        num_slots = flat.numel()
+        device = flat.device
+        E = num_experts
+        key = torch.where(flat >= 0, flat, E)  # id -1 sorts after every expert
+        _, order = torch.sort(key, stable=True)
+        counts = torch.zeros(E + 1, dtype=torch.int64, device=device)
+        counts.scatter_add_(0, key, torch.ones_like(key))
+        counts = counts[:E]
+        starts = torch.cumsum(counts, 0) - counts
+        blocks_per_expert = (counts + block_m - 1) // block_m
+        blocks_end = torch.cumsum(blocks_per_expert, 0)
+        # sum_e ceil(c_e / m) <= floor(S / m) + E: a static bound on the number of blocks.
+        max_blocks = num_slots // block_m + E
+        block = torch.arange(max_blocks, device=device)
+        owner = torch.searchsorted(blocks_end, block, right=True)  # E for the idle tail
+        owner_c = owner.clamp(max=E - 1)
+        first_block = blocks_end[owner_c] - blocks_per_expert[owner_c]
+        self.sorted_slots = order  # [S] slot ids (t * k + j) grouped by expert
+        self.block_expert = torch.where(owner < E, owner, -1)  # [max_blocks]
+        self.block_start = starts[owner_c] + (block - first_block) * block_m
+        self.block_end = starts[owner_c] + counts[owner_c]
+        self.expert_start = starts  # [E]
+        self.expert_count = counts  # [E]
+        self.num_blocks = max_blocks
+        self.block_m = block_m
+
+
+# --------------------------------------------------------------------------------------------
+# kernels
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _shrink_kernel(
+    src_ptr, stride_src_t,  # src [T, K]: rows are read by token
+    mat_ptr, stride_mat_e, stride_mat_i, stride_mat_c,  # mat[e, i, c]: [E, R, K]
+    out_ptr,  # [S, R] fp32, slot-major (zero where not written)
+    h_ptr, grad_gate_ptr, scaling,  # with FUSE_GATE_GRAD: dg[slot] = s * <out[slot], h[slot]>
+    sorted_slots_ptr, block_expert_ptr, block_start_ptr, block_end_ptr,
+    K, R, num_slots_per_token,
+    FUSE_GATE_GRAD: tl.constexpr, DOT_FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    expert = tl.load(block_expert_ptr + pid)
+    if expert < 0:  # idle block past the last expert's rows
+        return
+    start = tl.load(block_start_ptr + pid)
+    end = tl.load(block_end_ptr + pid)
+    rows = start + tl.arange(0, BLOCK_M)
+    row_mask = rows < end
+    slots = tl.load(sorted_slots_ptr + rows, mask=row_mask, other=0).to(tl.int64)
+    tokens = slots // num_slots_per_token
+    offs_r = tl.arange(0, BLOCK_R)
+    r_mask = offs_r < R
+    mat_base = mat_ptr + expert.to(tl.int64) * stride_mat_e
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for c0 in range(0, K, BLOCK_K):
+        offs_c = c0 + tl.arange(0, BLOCK_K)
+        c_mask = offs_c < K
+        a = tl.load(
+            src_ptr + tokens[:, None] * stride_src_t + offs_c[None, :],
+            mask=row_mask[:, None] & c_mask[None, :], other=0.0,
+        )
+        b = tl.load(
+            mat_base + offs_c[:, None] * stride_mat_c + offs_r[None, :] * stride_mat_i,
+            mask=c_mask[:, None] & r_mask[None, :], other=0.0,
+        )
+        if DOT_FP32:
+            acc += tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+        else:
+            acc += tl.dot(a, b)
+    out_offs = slots[:, None] * R + offs_r[None, :]
+    out_mask = row_mask[:, None] & r_mask[None, :]
+    tl.store(out_ptr + out_offs, acc, mask=out_mask)
+    if FUSE_GATE_GRAD:
+        h = tl.load(h_ptr + out_offs, mask=out_mask, other=0.0)
+        tl.store(grad_gate_ptr + slots, scaling * tl.sum(acc * h, axis=1), mask=row_mask)
+
+
+@triton.jit
+def _expand_kernel(
+    dst_ptr, stride_dst_t,  # dst [T, N], updated in place
+    vec_ptr,  # [T, k, R] fp32 rank vectors (h or u)
+    gate_ptr, index_ptr,  # [T, k] fp32 gates, [T, k] int64 ids
+    mat_ptr, stride_mat_e, stride_mat_n, stride_mat_i,  # mat[e, n, i]: [E, N, R]
+    T, N, R, num_slots_per_token, num_experts, scaling,
+    DOT_FP32: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    pid_t = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_t = (pid_t * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
+    t_mask = offs_t < T
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    offs_r = tl.arange(0, BLOCK_R)
+    r_mask = offs_r < R
+    acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
+    for expert in range(0, num_experts):
+        # sum of g * v over the slots of each row routed to this expert (ids may repeat)
+        mixed = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
+        used = 0
+        for j in range(0, num_slots_per_token):
+            slot = offs_t * num_slots_per_token + j
+            ids = tl.load(index_ptr + slot, mask=t_mask, other=-1)
+            sel = t_mask & (ids == expert)
+            gate = tl.load(gate_ptr + slot, mask=sel, other=0.0)
+            vec = tl.load(
+                vec_ptr + slot[:, None] * R + offs_r[None, :],
+                mask=sel[:, None] & r_mask[None, :], other=0.0,
+            )
+            mixed += vec * gate[:, None]
+            used += tl.sum(sel.to(tl.int32), axis=0)
+        if used > 0:
+            mat = tl.load(
+                mat_ptr + expert * stride_mat_e + offs_r[:, None] * stride_mat_i
+                + offs_n[None, :] * stride_mat_n,
+                mask=r_mask[:, None] & n_mask[None, :], other=0.0,
+            )
+            if DOT_FP32:
+                acc += tl.dot(mixed, mat.to(tl.float32), input_precision="ieee")
+            else:
+                acc += tl.dot(mixed.to(mat.dtype), mat)
+    dst = dst_ptr + offs_t[:, None] * stride_dst_t + offs_n[None, :]
+    dst_mask = t_mask[:, None] & n_mask[None, :]
+    base = tl.load(dst, mask=dst_mask, other=0.0)
+    tl.store(dst, (base.to(tl.float32) + scaling * acc).to(base.dtype), mask=dst_mask)
+
+
+@triton.jit
+def _wgrad_kernel(
+    src_ptr, stride_src_t,  # src [T, N]: dy for dB, x for dA
+    vec_ptr,  # [S, R] fp32: h for dB, u for dA
+    gate_ptr,  # [S] fp32
+    sorted_slots_ptr, expert_start_ptr, expert_count_ptr,
+    out_ptr, stride_out_e, stride_out_n, stride_out_i,  # out[e, n, i]
+    N, R, num_slots_per_token, scaling,
+    DOT_FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    expert = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    start = tl.load(expert_start_ptr + expert)
+    count = tl.load(expert_count_ptr + expert)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    offs_r = tl.arange(0, BLOCK_R)
+    r_mask = offs_r < R
+    acc = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
+    for m0 in range(0, count, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        m_mask = offs_m < count
+        slots = tl.load(sorted_slots_ptr + start + offs_m, mask=m_mask, other=0).to(tl.int64)
+        tokens = slots // num_slots_per_token
+        src = tl.load(
+            src_ptr + tokens[None, :] * stride_src_t + offs_n[:, None],
+            mask=n_mask[:, None] & m_mask[None, :], other=0.0,
+        )  # [BLOCK_N, BLOCK_M]: the transposed rows
+        gate = tl.load(gate_ptr + slots, mask=m_mask, other=0.0)
+        vec = tl.load(
+            vec_ptr + slots[:, None] * R + offs_r[None, :],
+            mask=m_mask[:, None] & r_mask[None, :], other=0.0,
+        ) * gate[:, None]
+        if DOT_FP32:
+            acc += tl.dot(src.to(tl.float32), vec, input_precision="ieee")
+        else:
+            acc += tl.dot(src, vec.to(src.dtype))
+    out = (out_ptr + expert.to(tl.int64) * stride_out_e + offs_n[:, None] * stride_out_n
+           + offs_r[None, :] * stride_out_i)
+    tl.store(out, (scaling * acc).to(out_ptr.dtype.element_ty),
+             mask=n_mask[:, None] & r_mask[None, :])
+
+
+# --------------------------------------------------------------------------------------------
+# launchers. `mat` operands are given as (tensor, stride_e, stride_row, stride_col) views.
+# --------------------------------------------------------------------------------------------
+def _shrink(src, mat, strides, out, plan, num_slots_per_token, *, h=None, grad_gate=None,
+            scaling=1.0):
+    K = src.shape[1]
+    R = out.shape[-1]
+    fuse = h is not None
+    _shrink_kernel[(plan.num_blocks,)](
+        src, src.stride(0),
+        mat, *strides,
+        out,
+        h if fuse else out, grad_gate if fuse else out, scaling,
+        plan.sorted_slots, plan.block_expert, plan.block_start, plan.block_end,
+        K, R, num_slots_per_token,
+        FUSE_GATE_GRAD=fuse, DOT_FP32=_dot_in_fp32(src.dtype, mat.dtype),
+        BLOCK_M=plan.block_m, BLOCK_R=_rank_block(R), BLOCK_K=64,
+    )
+
+
+def _expand(dst, vec, gates, indices, mat, strides, scaling):
+    T, N = dst.shape
+    k = indices.shape[1]
+    R = vec.shape[-1]
+    E = mat.shape[0]
+    block_t, block_n = 64, 64
+    grid = (triton.cdiv(T, block_t), triton.cdiv(N, block_n))
+    _expand_kernel[grid](
+        dst, dst.stride(0), vec, gates, indices,
+        mat, *strides,
+        T, N, R, k, E, scaling,
+        DOT_FP32=_dot_in_fp32(mat.dtype),
+        BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_R=_rank_block(R),
+    )
+
+
+def _wgrad(src, vec, gates, plan, out, strides, num_slots_per_token, scaling):
+    N = src.shape[1]
+    R = vec.shape[-1]
+    E = out.shape[0]
+    block_n = 64
+    _wgrad_kernel[(E, triton.cdiv(N, block_n))](
+        src, src.stride(0), vec, gates,
+        plan.sorted_slots, plan.expert_start, plan.expert_count,
+        out, *strides,
+        N, R, num_slots_per_token, scaling,
+        DOT_FP32=_dot_in_fp32(src.dtype),
+        BLOCK_M=plan.block_m, BLOCK_N=block_n, BLOCK_R=_rank_block(R),
+    )
+
+
+def _a_as_shrink(lora_a):  # A[e, i, c]: h = A_e x
+    return lora_a.stride(0), lora_a.stride(1), lora_a.stride(2)
+
+
+def _b_as_shrink(lora_b):  # B[e, n, i] read as [e, i, n]: u = B_e^T dy
+    return lora_b.stride(0), lora_b.stride(2), lora_b.stride(1)
+
+
+def _b_as_expand(lora_b):  # B[e, n, i]: y += B_e h
+    return lora_b.stride(0), lora_b.stride(1), lora_b.stride(2)
+
+
+def _a_as_expand(lora_a):  # A[e, i, c] read as [e, c, i]: dx += A_e^T u
+    return lora_a.stride(0), lora_a.stride(2), lora_a.stride(1)
+
+
+def forward(x, weight, bias, lora_a, lora_b, expert_indices, expert_weights, scaling):
+    """See moelora/ops/backends.py for the contract."""
+    T = x.shape[0]
+    E, r, _ = lora_a.shape
+    k = expert_indices.shape[1]
+    y = F.linear(x, weight, bias)
+    h = torch.zeros(T, k, r, dtype=torch.float32, device=x.device)
+    plan = GroupPlan(expert_indices, E)
+    _shrink(x, lora_a, _a_as_shrink(lora_a), h, plan, k)
+    _expand(y, h, expert_weights, expert_indices, lora_b, _b_as_expand(lora_b), scaling)
+    return y, h
+
+
+def backward(grad_out, x, weight, lora_a, lora_b, expert_indices, expert_weights, h, scaling,
+             compute_grad_x):
+    T = x.shape[0]
+    E, r, _ = lora_a.shape
+    k = expert_indices.shape[1]
+    plan = GroupPlan(expert_indices, E)
+    u = torch.zeros(T, k, r, dtype=torch.float32, device=x.device)
+    grad_gates = torch.zeros(T, k, dtype=torch.float32, device=x.device)
+    _shrink(grad_out, lora_b, _b_as_shrink(lora_b), u, plan, k, h=h, grad_gate=grad_gates,
+            scaling=scaling)
+    grad_b = torch.empty_like(lora_b)
+    grad_a = torch.empty_like(lora_a)
+    _wgrad(grad_out, h, expert_weights, plan, grad_b, _b_as_expand(grad_b), k, scaling)
+    _wgrad(x, u, expert_weights, plan, grad_a, _a_as_expand(grad_a), k, scaling)
+    if compute_grad_x:
+        grad_x = torch.mm(grad_out, weight)
+        _expand(grad_x, u, expert_weights, expert_indices, lora_a, _a_as_expand(lora_a), scaling)
+    else:
+        grad_x = x.new_empty(0)
+    return grad_x, grad_a, grad_b, grad_gates
