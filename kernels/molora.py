@@ -152,7 +152,7 @@ def _expand_kernel(
     for expert in range(0, num_experts):
         # sum of g * v over the slots of each row routed to this expert (ids may repeat)
         mixed = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
-        used = 0
+        hits = tl.zeros((BLOCK_T,), dtype=tl.int32)
         for j in range(0, num_slots_per_token):
             slot = offs_t * num_slots_per_token + j
             ids = tl.load(index_ptr + slot, mask=t_mask, other=-1)
@@ -163,10 +163,10 @@ def _expand_kernel(
                 mask=sel[:, None] & r_mask[None, :], other=0.0,
             )
             mixed += vec * gate[:, None]
-            used += tl.sum(sel.to(tl.int32), axis=0)
-        if used > 0:
+            hits += sel.to(tl.int32)
+        if tl.max(hits, axis=0) > 0:  # skip experts no row of this tile uses
             mat = tl.load(
-                mat_ptr + expert * stride_mat_e + offs_r[:, None] * stride_mat_i
+                mat_ptr + tl.cast(expert, tl.int64) * stride_mat_e + offs_r[:, None] * stride_mat_i
                 + offs_n[None, :] * stride_mat_n,
                 mask=r_mask[:, None] & n_mask[None, :], other=0.0,
             )
