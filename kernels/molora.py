@@ -9,9 +9,11 @@ used twice with different operand strides:
     wgrad   out_e        += s * sum_{slots of e} g src[token] v^T   dB_e          dA_e
 
 `shrink` and `wgrad` walk the slots grouped by expert (a sort of the ids, no host sync), so
-every tile multiplies one expert's matrix on the tensor cores. `expand` is token-major so that
-each output row is written by exactly one program (deterministic, no atomics): a tile loops
-over the experts, skipping those no slot in the tile uses.
+every tile multiplies one expert's matrix on the tensor cores. `expand` must write each output
+row from exactly one program (deterministic, no atomics). With k = 1 (multi-tenant, plain LoRA)
+every row has one slot, so the grouped walk serves; with k > 1 a row's slots belong to several
+experts, so the expand is token-major: a tile loops over the experts, skipping those no slot in
+the tile uses (cost grows with the distinct experts per tile; see benchmarks/NOTES.md).
 
 Rank vectors (h, u) live in fp32 (perf.md: keep the rank intermediate in fp32). Every offset
 that multiplies a token index is int64.
@@ -181,6 +183,49 @@ def _expand_kernel(
 
 
 @triton.jit
+def _grouped_expand_kernel(
+    dst_ptr, stride_dst_t,  # dst [T, N], updated in place; one slot per token (k = 1)
+    vec_ptr,  # [S, R] fp32 rank vectors, S = T
+    gate_ptr,  # [S] fp32
+    mat_ptr, stride_mat_e, stride_mat_n, stride_mat_i,  # mat[e, n, i]: [E, N, R]
+    sorted_slots_ptr, block_expert_ptr, block_start_ptr, block_end_ptr,
+    N, R, scaling,
+    DOT_FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    expert = tl.load(block_expert_ptr + pid)
+    if expert < 0:
+        return
+    start = tl.load(block_start_ptr + pid)
+    end = tl.load(block_end_ptr + pid)
+    rows = start + tl.arange(0, BLOCK_M)
+    row_mask = rows < end
+    slots = tl.load(sorted_slots_ptr + rows, mask=row_mask, other=0).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    offs_r = tl.arange(0, BLOCK_R)
+    r_mask = offs_r < R
+    gate = tl.load(gate_ptr + slots, mask=row_mask, other=0.0)
+    vec = tl.load(vec_ptr + slots[:, None] * R + offs_r[None, :],
+                  mask=row_mask[:, None] & r_mask[None, :], other=0.0) * gate[:, None]
+    mat = tl.load(
+        mat_ptr + expert.to(tl.int64) * stride_mat_e + offs_r[:, None] * stride_mat_i
+        + offs_n[None, :] * stride_mat_n,
+        mask=r_mask[:, None] & n_mask[None, :], other=0.0,
+    )
+    if DOT_FP32:
+        acc = tl.dot(vec, mat.to(tl.float32), input_precision="ieee")
+    else:
+        acc = tl.dot(vec.to(mat.dtype), mat)
+    dst = dst_ptr + slots[:, None] * stride_dst_t + offs_n[None, :]  # slot == token when k = 1
+    dst_mask = row_mask[:, None] & n_mask[None, :]
+    base = tl.load(dst, mask=dst_mask, other=0.0)
+    tl.store(dst, (base.to(tl.float32) + scaling * acc).to(base.dtype), mask=dst_mask)
+
+
+@triton.jit
 def _wgrad_kernel(
     src_ptr, stride_src_t,  # src [T, N]: dy for dB, x for dA
     vec_ptr,  # [S, R] fp32: h for dB, u for dA
@@ -244,12 +289,22 @@ def _shrink(src, mat, strides, out, plan, num_slots_per_token, *, h=None, grad_g
     )
 
 
-def _expand(dst, vec, gates, indices, mat, strides, scaling):
+def _expand(dst, vec, gates, indices, mat, strides, scaling, plan):
     T, N = dst.shape
     k = indices.shape[1]
     R = vec.shape[-1]
     E = mat.shape[0]
     block_t, block_n = 64, 64
+    if k == 1:
+        _grouped_expand_kernel[(plan.num_blocks, triton.cdiv(N, block_n))](
+            dst, dst.stride(0), vec, gates,
+            mat, *strides,
+            plan.sorted_slots, plan.block_expert, plan.block_start, plan.block_end,
+            N, R, scaling,
+            DOT_FP32=_dot_in_fp32(mat.dtype),
+            BLOCK_M=plan.block_m, BLOCK_N=block_n, BLOCK_R=_rank_block(R),
+        )
+        return
     grid = (triton.cdiv(T, block_t), triton.cdiv(N, block_n))
     _expand_kernel[grid](
         dst, dst.stride(0), vec, gates, indices,
@@ -300,7 +355,7 @@ def forward(x, weight, bias, lora_a, lora_b, expert_indices, expert_weights, sca
     h = torch.zeros(T, k, r, dtype=torch.float32, device=x.device)
     plan = GroupPlan(expert_indices, E)
     _shrink(x, lora_a, _a_as_shrink(lora_a), h, plan, k)
-    _expand(y, h, expert_weights, expert_indices, lora_b, _b_as_expand(lora_b), scaling)
+    _expand(y, h, expert_weights, expert_indices, lora_b, _b_as_expand(lora_b), scaling, plan)
     return y, h
 
 
@@ -320,7 +375,8 @@ def backward(grad_out, x, weight, lora_a, lora_b, expert_indices, expert_weights
     _wgrad(x, u, expert_weights, plan, grad_a, _a_as_expand(grad_a), k, scaling)
     if compute_grad_x:
         grad_x = torch.mm(grad_out, weight)
-        _expand(grad_x, u, expert_weights, expert_indices, lora_a, _a_as_expand(lora_a), scaling)
+        _expand(grad_x, u, expert_weights, expert_indices, lora_a, _a_as_expand(lora_a), scaling,
+                plan)
     else:
         grad_x = x.new_empty(0)
     return grad_x, grad_a, grad_b, grad_gates
