@@ -320,3 +320,29 @@ def test_auto_never_picks_the_interpreter():
         p = _valid_kwargs()
         from moelora.ops.backends import resolve_backend
         assert resolve_backend("auto", DEVICE, (torch.float32,)) in ("cpu", "torch")
+
+
+# --------------------------------------------------------------------------------------------
+# the routing plan behind the grouped Triton kernels
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("routing", ["topk", "skewed", "none", "duplicates"])
+@pytest.mark.parametrize("T,E,k,block_m", [(0, 3, 2, 4), (1, 1, 1, 16), (37, 5, 2, 4), (200, 7, 3, 16)])
+def test_group_plan_covers_every_slot_once(T, E, k, block_m, routing):
+    molora_kernels = pytest.importorskip("moelora.kernels.molora")
+    ids, _ = make_routing(routing, T, E, k, DEVICE)
+    plan = molora_kernels.GroupPlan(ids, E, block_m)
+    flat = ids.reshape(-1).cpu()
+    seen = torch.zeros(flat.numel(), dtype=torch.long)
+    for b in range(plan.num_blocks):
+        expert = int(plan.block_expert[b])
+        if expert < 0:
+            continue
+        start, end = int(plan.block_start[b]), int(plan.block_end[b])
+        rows = range(start, min(start + block_m, end))
+        assert len(rows) > 0, "a live block must own rows"
+        slots = plan.sorted_slots[list(rows)].cpu()
+        assert (flat[slots] == expert).all(), "a block must not straddle experts"
+        seen[slots] += 1
+    assert torch.equal(seen, (flat >= 0).long()), "every routed slot exactly once, no -1 slot"
+    counts = torch.bincount(flat[flat >= 0], minlength=E)
+    assert torch.equal(plan.expert_count.cpu(), counts)
