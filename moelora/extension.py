@@ -2,6 +2,16 @@
 
 The package works without it: if it is missing or fails to load we warn once and the `cpu` /
 `cuda` backends report themselves unavailable. `MOELORA_DISABLE_EXTENSION=1` skips loading.
+
+Importing `moelora._C` registers the C++ ops `torch.ops.moelora.{cpu,cuda}_{forward,backward}`
+(the cuda ones only in CUDA builds); `load()` then adds their fake (meta) implementations, so
+that torch.compile and FakeTensor tracing see the output shapes without running a kernel.
+
+Run-time switches of the extension (build switches: see setup.py):
+    MOELORA_DISABLE_EXTENSION=1   do not load it
+    MOELORA_CPU_ISA               cap the CPU kernels' instruction set: avx512, avx2 or base
+                                  (default: the best the CPU has; `_C.set_cpu_isa` at run time)
+    MOELORA_CUDA_DECODE_MAX_T     largest T served by the one-launch decode kernel (default 64)
 """
 from __future__ import annotations
 
@@ -10,6 +20,12 @@ import os
 import warnings
 
 import torch
+
+# Ops of the extension, by kind: forward, backward (schemas in csrc/bindings.cpp).
+_OPS = {
+    "cpu": ("cpu_forward", "cpu_backward"),
+    "cuda": ("cuda_forward", "cuda_backward"),
+}
 
 
 @functools.lru_cache(maxsize=None)
@@ -27,6 +43,7 @@ def load() -> bool:
             stacklevel=2,
         )
         return False
+    _register_fakes()
     return True
 
 
@@ -35,3 +52,44 @@ def has_op(name: str) -> bool:
     if not load():
         return False
     return hasattr(torch.ops.moelora, name)
+
+
+def module():
+    """The loaded `moelora._C` module, or None."""
+    if not load():
+        return None
+    from moelora import _C
+
+    return _C
+
+
+# --------------------------------------------------------------------------------------------
+# fake (meta) implementations: shapes and dtypes only, per the contract in csrc/molora.h
+# --------------------------------------------------------------------------------------------
+def _fake_forward(x, weight, bias, lora_a, lora_b, expert_indices, expert_weights, scaling):
+    T, k = expert_indices.shape
+    y = x.new_empty(T, weight.shape[0])
+    h = x.new_empty(T, k, lora_a.shape[1], dtype=expert_weights.dtype)
+    return y, h
+
+
+def _fake_backward(grad_out, x, weight, lora_a, lora_b, expert_indices, expert_weights, h,
+                   scaling, compute_grad_x):
+    grad_x = torch.empty_like(x, memory_format=torch.contiguous_format) if compute_grad_x else x.new_empty(0)
+    return (
+        grad_x,
+        torch.empty_like(lora_a, memory_format=torch.contiguous_format),
+        torch.empty_like(lora_b, memory_format=torch.contiguous_format),
+        torch.empty_like(expert_weights, memory_format=torch.contiguous_format),
+    )
+
+
+def _register_fakes() -> None:
+    for forward, backward in _OPS.values():
+        if not hasattr(torch.ops.moelora, forward):
+            continue  # e.g. cuda_* in a CPU-only build
+        for name, fake in ((forward, _fake_forward), (backward, _fake_backward)):
+            try:
+                torch.library.register_fake(f"moelora::{name}")(fake)
+            except RuntimeError:  # already registered (load() re-run after cache_clear)
+                pass
