@@ -1,0 +1,164 @@
+"""`inject`: put `MoLoRALinear` layers into any torch / transformers model, explicitly.
+
+    model = moelora.inject(model, MoLoRAConfig(target_modules=["q_proj", "v_proj"], num_experts=4))
+    ...
+    moelora.uninject(model)          # back to the original modules (and requires_grad flags)
+
+Targets follow PEFT's ``target_modules`` rules: a list of names matches a module whose name
+equals an entry or ends with ``"." + entry``; a string is a regex that must match the whole
+name; "all-linear" is every `nn.Linear` but the output embedding. Only `nn.Linear` modules
+are replaced (transformers' GPT-2 `Conv1D` is not supported). Nothing is patched on import.
+
+The config is any object with ``target_modules``, ``exclude_modules`` and
+``make_layer(base_layer, name) -> MoLoRALinear``: `MoLoRAConfig` (generic), `PMoLConfig`,
+`HoEConfig` (via `build_hoe`).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence, Union
+
+import torch.nn as nn
+
+from moelora.layers.molora_linear import MoLoRALinear, molora_layers
+
+__all__ = ["MoLoRAConfig", "inject", "uninject", "match_target", "find_targets"]
+
+
+@dataclass
+class MoLoRAConfig:
+    """A generic mixture-of-LoRA-experts configuration for `inject`.
+
+    Attributes:
+        target_modules: module-name suffixes (e.g. ["q_proj", "v_proj"]), a regex (full match)
+            or "all-linear".
+        exclude_modules: names / regex never targeted.
+        num_experts: E experts per target.
+        r: LoRA rank.
+        lora_alpha: scaling numerator (scaling = lora_alpha / r; / sqrt(r) with rsLoRA).
+        lora_dropout: dropout on the experts' input.
+        use_rslora: rank-stabilised scaling.
+        router: "topk", "dense", "fixed", "hierarchical", or a dict {"type": ..., **kwargs}.
+        top_k: k for router "topk" (ignored otherwise unless given in a router dict).
+        empty_expert: an empty expert for router "topk".
+        noisy_router: noisy top-k for router "topk".
+        init_lora_weights: True (B = 0: the model's output is unchanged), "gaussian", False.
+        freeze_base: freeze every parameter that is not a router's or an expert's.
+    """
+
+    target_modules: Union[Sequence[str], str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    exclude_modules: Optional[Union[Sequence[str], str]] = None
+    num_experts: int = 4
+    r: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    use_rslora: bool = False
+    router: Union[str, dict] = "topk"
+    top_k: int = 2
+    empty_expert: bool = False
+    noisy_router: bool = False
+    init_lora_weights: Union[bool, str] = True
+    freeze_base: bool = True
+
+    def router_spec(self) -> Union[str, dict]:
+        if self.router == "topk":
+            return {"type": "topk", "k": min(self.top_k, self.num_experts),
+                    "empty_expert": self.empty_expert, "noisy": self.noisy_router}
+        return self.router
+
+    def make_layer(self, base_layer: nn.Linear, name: str = "") -> MoLoRALinear:
+        return MoLoRALinear(base_layer, self.num_experts, self.r, self.lora_alpha, self.lora_dropout,
+                            use_rslora=self.use_rslora, router=self.router_spec(),
+                            init_lora_weights=self.init_lora_weights)
+
+
+def _matches(patterns, name: str) -> bool:
+    if patterns is None:
+        return False
+    if isinstance(patterns, str):
+        return re.fullmatch(patterns, name) is not None
+    return any(name == p or name.endswith("." + p) for p in patterns)
+
+
+def match_target(name: str, target_modules, exclude_modules=None) -> bool:
+    """PEFT-style target matching on a module's qualified name (no all-linear handling)."""
+    return _matches(target_modules, name) and not _matches(exclude_modules, name)
+
+
+def find_targets(model: nn.Module, target_modules, exclude_modules=None) -> list[str]:
+    """Names of the `nn.Linear` modules of model that the patterns select (outside MoLoRALinear
+    layers already there)."""
+    inside = {name for name, _ in molora_layers(model)}
+    output_embeddings = None
+    if target_modules == "all-linear" and hasattr(model, "get_output_embeddings"):
+        output_embeddings = model.get_output_embeddings()
+    names = []
+    for name, module in model.named_modules():
+        if not name or not isinstance(module, nn.Linear):
+            continue
+        if any(name == p or name.startswith(p + ".") for p in inside):
+            continue
+        if target_modules == "all-linear":
+            if module is output_embeddings or _matches(exclude_modules, name):
+                continue
+        elif not match_target(name, target_modules, exclude_modules):
+            continue
+        names.append(name)
+    return names
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def inject(model: nn.Module, config, *, make_layer: Optional[Callable] = None) -> nn.Module:
+    """Replace the target `nn.Linear` modules of ``model`` by `MoLoRALinear` layers built by
+    ``config.make_layer`` (or ``make_layer(base_layer, name)``), and freeze every other parameter
+    (unless ``config.freeze_base`` is False). Returns model, modified in place.
+
+    Raises ValueError when nothing matches. The original modules stay inside the new layers
+    (``.base_layer``), so `uninject` undoes it.
+    """
+    make_layer = config.make_layer if make_layer is None else make_layer
+    names = find_targets(model, config.target_modules, getattr(config, "exclude_modules", None))
+    if not names:
+        raise ValueError(f"inject: no nn.Linear module matches target_modules={config.target_modules!r}")
+    if getattr(config, "freeze_base", True):
+        flags = getattr(model, "_moelora_requires_grad", None)
+        if flags is None:  # remember the first injection's flags, for uninject
+            model._moelora_requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
+        model.requires_grad_(False)
+    for name in names:
+        base = model.get_submodule(name)
+        layer = make_layer(base, name)
+        if not isinstance(layer, MoLoRALinear):
+            raise TypeError(f"make_layer must return a MoLoRALinear, got {type(layer).__name__}")
+        _set_submodule(model, name, layer)
+    # trainable: the new layers' experts and routers (base_layer stays frozen)
+    for _, layer in molora_layers(model):
+        for pname, param in layer.named_parameters():
+            if not pname.startswith("base_layer."):
+                param.requires_grad_(True)
+    return model
+
+
+def uninject(model: nn.Module, *, merge: bool = False) -> nn.Module:
+    """Put every MoLoRALinear's ``base_layer`` back in its place. With ``merge``, each layer's
+    fixed gates are folded into the base weight first (`MoLoRALinear.merge`); otherwise a
+    merged layer is unmerged. Restores the requires_grad flags recorded by `inject`."""
+    for name, layer in list(molora_layers(model)):
+        if merge and not layer.merged:
+            layer.merge(keep_original=False)
+        elif not merge and layer.merged:
+            layer.unmerge()
+        _set_submodule(model, name, layer.base_layer)
+    flags = getattr(model, "_moelora_requires_grad", None)
+    if flags is not None:
+        for pname, param in model.named_parameters():
+            if pname in flags:
+                param.requires_grad_(flags[pname])
+        del model._moelora_requires_grad
+    return model

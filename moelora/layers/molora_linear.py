@@ -1,0 +1,369 @@
+"""`MoLoRALinear`: a drop-in replacement for an `nn.Linear` with E routed LoRA experts.
+
+    y = W x + b + s * sum_{j<k} g[t,j] B_{e[t,j]} A_{e[t,j]} dropout(x)
+
+computed by the core op `moelora.molora_linear` (backend "auto": the compiled CPU kernel or
+the torch backend on CPU, Triton / CUDA on GPU). PEFT's conventions hold: the wrapped layer is
+kept as the child ``base_layer`` (frozen), ``scaling = lora_alpha / r`` (rsLoRA: ``lora_alpha /
+sqrt(r)``), A is initialised like PEFT's (kaiming-uniform, a = sqrt(5), per expert) and B to
+zero, so a fresh layer leaves the model's output unchanged.
+
+Parameters (state-dict keys, PEFT-like with an expert dim in front):
+
+    base_layer.weight [d_out, d_in], base_layer.bias [d_out]   the wrapped nn.Linear (frozen)
+    lora_A.weight     [E, r, d_in]
+    lora_B.weight     [E, d_out, r]
+    router.*          the router's parameters / buffers (see routers.py)
+
+After every forward in training mode (or with ``record_routing = True``), the routing is kept
+in ``layer.router_state`` (a `RouterState`) for the aux losses of `moelora.losses.pmol`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+import contextlib
+from typing import Iterator, Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from moelora.ops.molora_linear import molora_linear
+from moelora.layers.routers import Router, build_router
+
+__all__ = [
+    "MoLoRALinear",
+    "RouterState",
+    "ExpertWeight",
+    "molora_layers",
+    "set_gates",
+    "set_preference",
+    "set_record_routing",
+    "clear_router_states",
+    "disable_adapters",
+    "merge_layers",
+    "unmerge_layers",
+]
+
+
+@dataclass
+class RouterState:
+    """What one forward's router decided, kept (with its autograd graph) for the aux losses."""
+
+    expert_indices: Tensor  # [..., k] int64, -1 = no expert
+    expert_weights: Tensor  # [..., k]
+    probs: Optional[Tensor]  # [..., E'] (E' = E + 1 with an empty expert)
+    logits: Optional[Tensor]  # [..., E']
+    num_experts: int  # E (real experts; column E of probs, if any, is the empty expert)
+
+
+class ExpertWeight(nn.Module):
+    """Holds one stacked expert weight as ``.weight`` so state-dict keys read like PEFT's
+    (``q_proj.lora_A.weight``), with the expert dim first: ``[E, r, d_in]`` or ``[E, d_out, r]``."""
+
+    def __init__(self, *shape: int, device=None, dtype=None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(*shape, device=device, dtype=dtype))
+
+    def extra_repr(self) -> str:
+        return "x".join(map(str, self.weight.shape))
+
+
+def _lora_scaling(lora_alpha: float, r: int, use_rslora: bool) -> float:
+    return lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+
+
+class MoLoRALinear(nn.Module):
+    """An `nn.Linear` plus E routed LoRA experts.
+
+    Args:
+        base_layer: the `nn.Linear` to wrap; kept as ``self.base_layer`` and frozen.
+        num_experts: E.
+        r: LoRA rank (shared by the experts).
+        lora_alpha: scaling numerator: ``scaling = lora_alpha / r`` (``/ sqrt(r)`` with rsLoRA).
+        lora_dropout: dropout on the experts' input (the base GEMM sees x undropped, as in PEFT).
+        use_rslora: rank-stabilised scaling ``lora_alpha / sqrt(r)``.
+        router: a `Router`, a router name ("topk", "dense", "fixed", "hierarchical") or a config
+            dict ``{"type": ..., **kwargs}``; built for (d_in, E). Default "dense".
+        init_lora_weights: True: PEFT's init (A kaiming-uniform, B zero: the layer starts as an
+            identity change); "gaussian": A ~ N(0, 1/r), B zero; False: A and B both
+            kaiming-uniform (a non-trivial start, for tests).
+        expert_groups: optional group id per expert (PMoL preference groups), length E.
+        scaling: set the scaling directly, overriding lora_alpha / r (e.g. experts imported
+            from adapters with another alpha / r).
+        device, dtype: for the new parameters (default: the base layer's).
+    """
+
+    def __init__(
+        self,
+        base_layer: nn.Linear,
+        num_experts: int = 1,
+        r: int = 8,
+        lora_alpha: float = 8.0,
+        lora_dropout: float = 0.0,
+        *,
+        use_rslora: bool = False,
+        router=None,
+        init_lora_weights=True,
+        expert_groups: Optional[Sequence[int]] = None,
+        scaling: Optional[float] = None,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        if not isinstance(base_layer, nn.Linear):
+            raise TypeError(f"base_layer must be an nn.Linear, got {type(base_layer).__name__}")
+        if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
+            raise ValueError(f"num_experts must be an int >= 1, got {num_experts!r}")
+        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+            raise ValueError(f"r must be an int >= 1, got {r!r}")
+        if not 0.0 <= lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout}")
+        if expert_groups is not None and len(expert_groups) != num_experts:
+            raise ValueError(f"expert_groups must have one entry per expert ({num_experts}), got {len(expert_groups)}")
+        self.base_layer = base_layer
+        base_layer.requires_grad_(False)
+        self.in_features = base_layer.in_features
+        self.out_features = base_layer.out_features
+        self.num_experts = num_experts
+        self.r = r
+        self.lora_alpha = float(lora_alpha)
+        self.use_rslora = bool(use_rslora)
+        self.scaling = float(scaling) if scaling is not None else _lora_scaling(self.lora_alpha, r, self.use_rslora)
+        self.lora_dropout_p = float(lora_dropout)
+        self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+        self.init_lora_weights = init_lora_weights
+        self.expert_groups = None if expert_groups is None else [int(g) for g in expert_groups]
+        weight = base_layer.weight
+        if device is None:
+            device = weight.device
+        if dtype is None:
+            dtype = weight.dtype if weight.is_floating_point() else torch.float32
+        factory = {"device": device, "dtype": dtype}
+        self.lora_A = ExpertWeight(num_experts, r, self.in_features, **factory)
+        self.lora_B = ExpertWeight(num_experts, self.out_features, r, **factory)
+        self.router: Router = build_router("dense" if router is None else router, self.in_features,
+                                           num_experts, **factory)
+        self.record_routing = False  # record the routing in eval mode too
+        self.router_state: Optional[RouterState] = None
+        self.disabled = False  # adapters off: the base layer alone (see moelora.layers.disable_adapters)
+        self.merged = False
+        self._merged_gates: Optional[Tensor] = None
+        self._original_weight: Optional[Tensor] = None
+        self.reset_parameters()
+
+    # ------------------------------------------------------------------------------------------
+    def reset_parameters(self) -> None:
+        """PEFT's init, per expert: fan_in of a 3-D tensor would be r * d_in, so each expert's
+        [r, d_in] slice is initialised as its own matrix (bound 1/sqrt(d_in))."""
+        with torch.no_grad():
+            for e in range(self.num_experts):
+                if self.init_lora_weights == "gaussian":
+                    nn.init.normal_(self.lora_A.weight[e], std=1.0 / self.r)
+                else:
+                    nn.init.kaiming_uniform_(self.lora_A.weight[e], a=math.sqrt(5))
+                if self.init_lora_weights is False:
+                    nn.init.kaiming_uniform_(self.lora_B.weight[e], a=math.sqrt(5))
+                else:
+                    self.lora_B.weight[e].zero_()
+        self.router.reset_parameters()
+
+    def layer_config(self) -> dict:
+        """JSON-able description that rebuilds this layer around a base `nn.Linear`."""
+        return {
+            "num_experts": self.num_experts,
+            "r": self.r,
+            "lora_alpha": self.lora_alpha,
+            "lora_dropout": self.lora_dropout_p,
+            "use_rslora": self.use_rslora,
+            "router": self.router.config(),
+            "expert_groups": self.expert_groups,
+            "scaling": self.scaling,
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+        }
+
+    @classmethod
+    def from_config(cls, base_layer: nn.Linear, config: dict, *, device=None, dtype=None) -> "MoLoRALinear":
+        kwargs = {key: config[key] for key in ("num_experts", "r", "lora_alpha", "lora_dropout",
+                                               "use_rslora", "router", "expert_groups", "scaling")
+                  if key in config}
+        return cls(base_layer, device=device, dtype=dtype, **kwargs)
+
+    # ------------------------------------------------------------------------------------------
+    def forward(self, x: Tensor, *, gates: Optional[Tensor] = None, preference: Optional[Tensor] = None) -> Tensor:
+        """``x [..., d_in] -> [..., d_out]``. ``gates [E] | [batch, E]`` (fixed-gate routers) and
+        ``preference [N] | [batch, N]`` (hierarchical routers) override what was set on the router."""
+        if self.disabled or self.merged:
+            return self.base_layer(x)
+        route = self.router(x, gates=gates, preference=preference)
+        if self.training or self.record_routing:
+            self.router_state = RouterState(route.expert_indices, route.expert_weights, route.probs,
+                                            route.logits, self.num_experts)
+        weight, bias = self.base_layer.weight, self.base_layer.bias
+        if torch.is_autocast_enabled(x.device.type):  # the custom op is not autocast-aware
+            compute = torch.get_autocast_dtype(x.device.type)
+            weight = weight.to(compute)
+            bias = None if bias is None else bias.to(compute)
+        x = x.to(weight.dtype)
+        dropout = self.training and self.lora_dropout_p > 0
+        x_lora = self.lora_dropout(x) if dropout else x
+        y = molora_linear(x_lora, weight, bias, self.lora_A.weight, self.lora_B.weight,
+                          route.expert_indices, route.expert_weights, self.scaling, backend="auto")
+        if dropout:
+            # The op feeds one x to both the base GEMM and the experts; PEFT's base sees x
+            # undropped. By linearity W x = W x_drop + W (x - x_drop): one extra GEMM, and only
+            # in training with dropout on.
+            y = y + F.linear(x - x_lora, weight)
+        return y
+
+    # ------------------------------------------------------------------------------------------
+    def delta_weight(self, gates: Tensor) -> Tensor:
+        """``s * sum_e gates_e B_e A_e`` as ``[d_out, d_in]`` in fp32 (fp64 for fp64 weights)."""
+        acc = torch.float64 if self.base_layer.weight.dtype == torch.float64 else torch.float32
+        gates = torch.as_tensor(gates, device=self.lora_A.weight.device).to(acc)
+        if gates.shape != (self.num_experts,):
+            raise ValueError(f"gates must be [{self.num_experts}] (one fixed gate per expert), "
+                             f"got {tuple(gates.shape)}")
+        b = self.lora_B.weight.to(acc) * gates.view(-1, 1, 1)
+        delta = torch.einsum("eor,eri->oi", b, self.lora_A.weight.to(acc))
+        return self.scaling * delta
+
+    def _fixed_gates(self, gates) -> Tensor:
+        if gates is not None:
+            return torch.as_tensor(gates)
+        fixed = getattr(self.router, "gates", None)
+        if fixed is None:
+            fixed = getattr(self.router, "default_gates", None)
+        if fixed is None:
+            raise ValueError(f"merge() needs a fixed gate vector [E]: pass gates= (the router "
+                             f"{type(self.router).__name__} routes per token)")
+        fixed = torch.as_tensor(fixed)
+        if fixed.dim() == 2 and fixed.shape[0] == 1:
+            fixed = fixed[0]
+        if fixed.dim() != 1:
+            raise ValueError("merge() needs one gate vector for the whole batch, got per-sequence gates")
+        return fixed
+
+    @torch.no_grad()
+    def merge(self, gates: Optional[Tensor] = None, *, keep_original: bool = True) -> None:
+        """Fold ``s * sum_e gates_e B_e A_e`` into the base weight (zero-overhead serving at one
+        fixed gate vector; default: the fixed router's current / default gates).
+
+        The delta is computed in fp32 and added before one rounding to the weight's dtype.
+        ``keep_original`` (default) keeps a copy of the weight so `unmerge` restores it bit for
+        bit (one weight's memory); without it, unmerge subtracts the same fp32 delta, exact in
+        fp32 up to rounding, and off by up to one ulp per element in bf16 / fp16.
+        """
+        if self.merged:
+            raise RuntimeError("layer is already merged; unmerge() first")
+        g = self._fixed_gates(gates).to(self.lora_A.weight.device)
+        weight = self.base_layer.weight
+        delta = self.delta_weight(g)
+        self._original_weight = weight.detach().clone() if keep_original else None
+        weight.copy_((weight.to(delta.dtype) + delta).to(weight.dtype))
+        self._merged_gates = g.detach().clone()
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if not self.merged:
+            raise RuntimeError("layer is not merged")
+        weight = self.base_layer.weight
+        if self._original_weight is not None:
+            weight.copy_(self._original_weight)
+        else:
+            delta = self.delta_weight(self._merged_gates)
+            weight.copy_((weight.to(delta.dtype) - delta).to(weight.dtype))
+        self._original_weight = None
+        self._merged_gates = None
+        self.merged = False
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"num_experts={self.num_experts}, r={self.r}, scaling={self.scaling:g}, "
+                f"lora_dropout={self.lora_dropout_p}, merged={self.merged}")
+
+
+# --------------------------------------------------------------------------------------------
+# model-level helpers: reach every MoLoRALinear of a model (explicit calls, nothing implicit)
+# --------------------------------------------------------------------------------------------
+def molora_layers(model: nn.Module) -> Iterator[tuple[str, MoLoRALinear]]:
+    """(name, layer) for every `MoLoRALinear` in model, in module order."""
+    for name, module in model.named_modules():
+        if isinstance(module, MoLoRALinear):
+            yield name, module
+
+
+def set_gates(model: nn.Module, gates: Optional[Tensor]) -> int:
+    """Set the gates of every fixed-gate router: ``[E]`` (whole batch) or ``[batch, E]`` (one
+    row per sequence, broadcast over its tokens); None goes back to the default gates.
+    Returns how many layers took them."""
+    count = 0
+    for _, layer in molora_layers(model):
+        if layer.router.accepts_gates:
+            layer.router.gates = None if gates is None else torch.as_tensor(gates).to(
+                layer.router.default_gates.device)
+            count += 1
+    return count
+
+
+def set_preference(model: nn.Module, preference: Optional[Tensor]) -> int:
+    """Set the user preference ``lambda`` (``[N]`` or ``[batch, N]``, on the simplex) of every
+    hierarchical (HoE) router; None goes back to uniform. Returns how many layers took it."""
+    count = 0
+    for _, layer in molora_layers(model):
+        if layer.router.accepts_preference:
+            layer.router.set_preference(preference)
+            count += 1
+    return count
+
+
+def set_record_routing(model: nn.Module, enabled: bool = True) -> None:
+    """Record ``router_state`` in eval mode too (training mode always records)."""
+    for _, layer in molora_layers(model):
+        layer.record_routing = bool(enabled)
+
+
+def clear_router_states(model: nn.Module) -> None:
+    """Drop the recorded routing (and the autograd graph it holds)."""
+    for _, layer in molora_layers(model):
+        layer.router_state = None
+
+
+@contextlib.contextmanager
+def disable_adapters(model: nn.Module):
+    """Inside the block every MoLoRALinear computes its base layer alone (e.g. the DPO
+    reference model). Merged layers must be unmerged first."""
+    layers = [layer for _, layer in molora_layers(model)]
+    if any(layer.merged for layer in layers):
+        raise RuntimeError("disable_adapters: unmerge the merged layers first")
+    previous = [layer.disabled for layer in layers]
+    for layer in layers:
+        layer.disabled = True
+    try:
+        yield model
+    finally:
+        for layer, flag in zip(layers, previous):
+            layer.disabled = flag
+
+
+def merge_layers(model: nn.Module, gates: Optional[Tensor] = None, *, keep_original: bool = True) -> int:
+    """`MoLoRALinear.merge` on every layer (same gate vector [E] for all, or each router's
+    fixed gates). Returns the number of merged layers."""
+    count = 0
+    for _, layer in molora_layers(model):
+        layer.merge(gates, keep_original=keep_original)
+        count += 1
+    return count
+
+
+def unmerge_layers(model: nn.Module) -> int:
+    count = 0
+    for _, layer in molora_layers(model):
+        if layer.merged:
+            layer.unmerge()
+            count += 1
+    return count
