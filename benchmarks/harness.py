@@ -1,0 +1,463 @@
+"""The harness every benchmark goes through: check first, then time, then compare.
+
+For each case: build the input sets, compute the float64 reference on the first, then for
+every contestant: set up, check against the reference (the output, and the gradients when a
+mode differentiates), and only when right, measure each mode. A wrong contestant is reported
+as WRONG and never timed. Every value is then divided by the floor's (the base linear) from the
+same run on the same inputs, and compared with the naive loop's.
+
+Modes:
+    forward   inference: the call under torch.no_grad()
+    backward  torch.autograd.grad of one retained forward graph
+    fwd+bwd   the call, then torch.autograd.grad of its output
+    memory    the peak of extra memory during one call (fwd+bwd for a training case, forward
+              otherwise), above what was allocated before it
+
+Timing. GPU: triton.testing.do_bench (CUDA events, warm-up, L2 flushed before every call,
+median and quartiles), rotating through enough input sets to exceed twice the L2 cache; decode
+cases time the replay of a CUDA graph of the call. CPU: torch.utils.benchmark's
+blocked_autorange (median and quartiles) on all of torch's threads.
+Memory. GPU: the caching allocator's peak counter. CPU: the allocation events of torch.profiler.
+"""
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import itertools
+import math
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from benchmarks.cases import GRAD_MODES, Case, default_dtype
+from benchmarks.ops import OPS, Contestant, InputSet, Prepared, Skip, brief
+
+# Relative error ||out - ref|| / ||ref|| above which a contestant is WRONG. Generous on purpose:
+# this check catches wrong answers (errors of 0.1 and up with these inputs), rounding is the
+# unit tests' business. fp32 leaves room for TF32 dots in Triton kernels (~1e-3); 16-bit for
+# the rounding of the rank-r intermediate and of gate gradients (sums of r products).
+TOLERANCE = {torch.float64: 1e-9, torch.float32: 5e-3, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+
+MIB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Settings:
+    device: torch.device
+    min_run_time: float = 0.2  # CPU: seconds of calls per measurement (blocked_autorange)
+    warmup_ms: int = 25  # GPU: do_bench warm-up and measurement budgets
+    rep_ms: int = 100
+    max_sets: int = 4  # GPU: most input sets rotated through
+    backends: tuple | None = None  # moelora backends; None: those of the device type
+    contestants: tuple | None = None  # contestant name patterns to keep; None: all
+    modes: tuple | None = None  # overrides each case's modes
+    passes: int = 2  # passes over the whole suite (perf.md: run each case twice)
+
+    @classmethod
+    def quick(cls, device: torch.device, **kw) -> "Settings":
+        return cls(device, min_run_time=0.01, warmup_ms=5, rep_ms=20, **{"passes": 1, **kw})
+
+
+@dataclass
+class Row:
+    case: str
+    dtype: str
+    contestant: str
+    mode: str  # a mode, or "*" when the status holds for every mode of the case
+    status: str  # ok | WRONG | error | unavailable | not applicable | not implemented yet
+    reason: str = ""
+    median_ms: float | None = None
+    iqr_ms: float | None = None
+    peak_mib: float | None = None
+    ratio_over_base: float | None = None
+    speedup_over_naive: float | None = None
+    rel_error: float | None = None
+    tolerance: float | None = None
+    cuda_graph: bool = False
+    input_sets: int = 1
+    pass_medians_ms: list | None = None  # each pass's median, when the suite ran several
+
+    @property
+    def value(self) -> float | None:
+        """What the ratios compare: time, or peak memory in memory mode."""
+        return self.peak_mib if self.mode == "memory" else self.median_ms
+
+
+@dataclass
+class Reference:
+    out: torch.Tensor  # float64
+    grads: dict = field(default_factory=dict)  # argument name -> float64 gradient
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    diff = (out.detach().double() - ref).norm().item()
+    denom = ref.norm().item()
+    return diff / denom if denom > 0 else diff
+
+
+# --------------------------------------------------------------------------------------------
+# correctness
+# --------------------------------------------------------------------------------------------
+def _as_float64(args: dict, grad_names: tuple) -> dict:
+    out = {}
+    for name, v in args.items():
+        if isinstance(v, torch.Tensor) and v.is_floating_point():
+            v = v.detach().double().requires_grad_(name in grad_names)
+        out[name] = v
+    return out
+
+
+def reference(case: Case, inp: InputSet, with_grads: bool) -> Reference:
+    op = OPS[case.op]
+    names = op.grad_names(case) if with_grads else ()
+    args = _as_float64(inp.args, names)
+    with torch.set_grad_enabled(with_grads):
+        out = op.reference()(**args)
+    if not with_grads:
+        return Reference(out.detach())
+    grads = torch.autograd.grad(out, [args[n] for n in names], _grad_out_like(out, inp))
+    return Reference(out.detach(), dict(zip(names, grads)))
+
+
+def _flat(wrt: dict) -> list[torch.Tensor]:
+    return [t for ts in wrt.values() for t in ts]
+
+
+def _grad_out_like(out: torch.Tensor, inp: InputSet) -> torch.Tensor:
+    """The input set's dy in out's dtype (log-probs come out in fp32, the float64 reference in
+    float64); the floor may output another shape (the K head GEMMs: the logits)."""
+    if out.shape != inp.grad_out.shape:
+        return torch.randn_like(out)
+    return inp.grad_out.to(out.dtype)
+
+
+def check(p: Prepared, inp: InputSet, ref: Reference, with_grads: bool) -> dict[str, float]:
+    """Relative error of the output and, with_grads, of each gradient the contestant computes."""
+    if not with_grads or p.no_grad_reason:
+        with torch.no_grad():
+            return {"out": rel_error(p.forward(), ref.out)}
+    out = p.forward()
+    grads = iter(torch.autograd.grad(out, _flat(p.wrt), _grad_out_like(out, inp)))
+    errors = {"out": rel_error(out, ref.out)}
+    for name, tensors in p.wrt.items():
+        grad = torch.stack([next(grads) for _ in tensors]).reshape(ref.grads[name].shape)
+        errors[f"grad {name}"] = rel_error(grad, ref.grads[name])
+    return errors
+
+
+# --------------------------------------------------------------------------------------------
+# what one mode runs, and how it is measured
+# --------------------------------------------------------------------------------------------
+def differentiates(case: Case, modes: tuple) -> bool:
+    """Whether any of `modes` runs autograd (memory does for a training case)."""
+    return any(m in GRAD_MODES or (m == "memory" and case.train) for m in modes)
+
+
+def call_for(mode: str, case: Case, p: Prepared, inp: InputSet) -> Callable:
+    """The zero-argument call that `mode` measures, on one input set."""
+    if not differentiates(case, (mode,)):
+        def forward():
+            with torch.no_grad():
+                return p.forward()
+
+        return forward
+    if p.no_grad_reason:
+        raise Skip("not applicable", p.no_grad_reason)
+    if mode == "backward" and p.no_retain_reason:
+        raise Skip("not applicable", p.no_retain_reason)
+    inputs = _flat(p.wrt)
+    if mode == "backward":
+        out = p.forward()  # one graph, differentiated again and again
+        grad_out = _grad_out_like(out, inp)
+
+        def backward():
+            return torch.autograd.grad(out, inputs, grad_out, retain_graph=True)
+
+        return backward
+    grad_out = _grad_out_like(p.forward(), inp)
+
+    def forward_backward():
+        return torch.autograd.grad(p.forward(), inputs, grad_out)
+
+    return forward_backward
+
+
+def _cuda_graph(call: Callable) -> Callable:
+    """The replay of a CUDA graph of call(), warmed up on a side stream first as capture needs
+    (lazy initialisation, autotuning and allocator growth must not happen while capturing)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            call()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = call()
+
+    def replay():
+        graph.replay()
+        return out  # lives in the graph's memory pool, rewritten by every replay
+
+    return replay
+
+
+def _rotate(calls: list[Callable]) -> Callable:
+    if len(calls) == 1:
+        return calls[0]
+    nxt = itertools.cycle(calls).__next__
+    return lambda: nxt()()
+
+
+def measure_time(call: Callable, settings: Settings) -> tuple[float, float]:
+    """(median, interquartile range) in milliseconds, after warm-up."""
+    if settings.device.type == "cuda":
+        import triton.testing
+
+        q1, median, q3 = triton.testing.do_bench(
+            call, warmup=settings.warmup_ms, rep=settings.rep_ms, quantiles=[0.25, 0.5, 0.75]
+        )
+        return median, q3 - q1
+    from torch.utils import benchmark
+
+    call()  # warm-up: a compile or a lazy initialisation is not the call's time
+    timer = benchmark.Timer("call()", globals={"call": call}, num_threads=torch.get_num_threads())
+    m = timer.blocked_autorange(min_run_time=settings.min_run_time)
+    return m.median * 1e3, m.iqr * 1e3
+
+
+def measure_peak_bytes(call: Callable, device: torch.device) -> int:
+    """Peak of memory allocated during one call, above what was allocated before it."""
+    call()  # warm-up: compile caches and lazy workspaces are not the call's memory
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        call()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    # No peak counter for CPU tensors: replay the allocator's events that the profiler records.
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        call()
+    events = sorted(
+        (e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"
+    )
+    return max(itertools.accumulate((n for _, n in events), initial=0))
+
+
+# --------------------------------------------------------------------------------------------
+# one case
+# --------------------------------------------------------------------------------------------
+def input_sets(case: Case, dtype: torch.dtype, settings: Settings, seed: int) -> list[InputSet]:
+    """One set on CPU (its caches are far smaller than any case); on GPU, enough sets that
+    rotating through them reads at least twice the L2 cache (do_bench also flushes L2)."""
+    make = OPS[case.op].make_inputs
+    first = make(case, settings.device, dtype, seed)
+    n = 1
+    if settings.device.type == "cuda":
+        size = sum(
+            v.numel() * v.element_size() for v in first.args.values() if isinstance(v, torch.Tensor)
+        )
+        l2 = torch.cuda.get_device_properties(settings.device).L2_cache_size
+        n = max(1, min(settings.max_sets, math.ceil(2 * l2 / max(size, 1))))
+    return [first] + [make(case, settings.device, dtype, seed + i) for i in range(1, n)]
+
+
+def _keep(name: str, floor: str, settings: Settings) -> bool:
+    """Contestants selected by name pattern; the floor always stays, every ratio needs it."""
+    patterns = settings.contestants
+    return patterns is None or name == floor or any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+class Wrong(Exception):
+    """A contestant whose output or gradients are off the reference by more than the tolerance."""
+
+    def __init__(self, errors: dict[str, float], tol: float):
+        self.worst = max(errors.values())
+        self.detail = ", ".join(f"{k} {v:.2e}" for k, v in errors.items() if not v <= tol)
+        super().__init__(f"relative error {self.detail} > {tol:.0e}")
+
+
+def prepare(
+    case: Case, contestant: Contestant, sets: list[InputSet], ref: Reference | None,
+    with_grads: bool, tol: float,
+) -> tuple[list[Prepared], dict[str, float]]:
+    """Set a contestant up on every input set and check it on the first; raises Skip or Wrong."""
+    build = contestant.setup(case)
+    prepared = [build(inp) for inp in sets]
+    errors = check(prepared[0], sets[0], ref, with_grads) if contestant.checked else {}
+    if any(not v <= tol for v in errors.values()):  # `not <=`: a NaN error is wrong too
+        raise Wrong(errors, tol)
+    return prepared, errors
+
+
+def _maybe_graphed(case: Case, contestant: Contestant, mode: str, calls: list, settings: Settings):
+    """Decode cases on a GPU time CUDA-graph replays. Returns (calls, graphed, note)."""
+    if not (case.graph and settings.device.type == "cuda" and mode == "forward"):
+        return calls, False, ""
+    if not contestant.capturable:
+        return calls, False, "timed eagerly: host sync, cannot be captured in a CUDA graph"
+    try:
+        return [_cuda_graph(c) for c in calls], True, ""
+    except Exception as exc:
+        return calls, False, f"timed eagerly: CUDA graph capture failed ({brief(exc)})"
+
+
+def run_contestant(
+    case: Case, dtype: torch.dtype, contestant: Contestant, sets: list[InputSet],
+    ref: Reference | None, modes: tuple, settings: Settings, log: Callable[[str], None],
+) -> list[Row]:
+    """Set up, check, then measure every mode: the rows of one contestant in one case."""
+    def row(mode: str, status: str, **kw) -> Row:
+        return Row(case.name, dtype_name(dtype), contestant.name, mode, status, **kw)
+
+    tol = TOLERANCE[dtype]
+    try:
+        prepared, errors = prepare(case, contestant, sets, ref, differentiates(case, modes), tol)
+    except Skip as s:
+        return [row("*", s.status, reason=s.reason)]
+    except Wrong as w:
+        log(f"  {contestant.name}: WRONG ({w}), not timed")
+        return [row("*", "WRONG", reason=str(w), rel_error=w.worst, tolerance=tol)]
+    except Exception as exc:
+        log(f"  {contestant.name}: error {brief(exc)}")
+        return [row("*", "error", reason=brief(exc))]
+    checked = dict(rel_error=max(errors.values()), tolerance=tol) if errors else {}
+
+    rows = []
+    for mode in modes:
+        note = "" if contestant.checked else "floor: not the op, not checked"
+        try:
+            if mode == "memory":
+                call = call_for(mode, case, prepared[0], sets[0])
+                peak = measure_peak_bytes(call, settings.device) / MIB
+                rows.append(row(mode, "ok", reason=note, peak_mib=peak, **checked))
+                shown = f"{peak:.1f} MiB"
+            else:
+                calls = [call_for(mode, case, p, inp) for p, inp in zip(prepared, sets)]
+                calls, graphed, eager_note = _maybe_graphed(case, contestant, mode, calls, settings)
+                median, iqr = measure_time(_rotate(calls), settings)
+                rows.append(row(
+                    mode, "ok", reason=note or eager_note, median_ms=median, iqr_ms=iqr,
+                    cuda_graph=graphed, input_sets=len(calls), **checked,
+                ))
+                shown = f"{median:.3f} ms"
+        except Skip as s:
+            rows.append(row(mode, s.status, reason=s.reason))
+            continue
+        except Exception as exc:
+            log(f"  {contestant.name} {mode}: error {brief(exc)}")
+            rows.append(row(mode, "error", reason=brief(exc)))
+            continue
+        log(f"  {contestant.name:<16} {mode:<8} {shown}")
+    return rows
+
+
+def add_ratios(rows: list[Row], floor: str, naive: str) -> None:
+    """ratio over the floor and speed-up over the naive loop, per (case, dtype, mode)."""
+    ok = {(r.case, r.dtype, r.contestant, r.mode): r for r in rows if r.status == "ok"}
+    for r in ok.values():
+        base = ok.get((r.case, r.dtype, floor, r.mode))
+        slow = ok.get((r.case, r.dtype, naive, r.mode))
+        if base is not None and base.value and r.value is not None:
+            r.ratio_over_base = r.value / base.value
+        if slow is not None and slow.value is not None and r.value:
+            r.speedup_over_naive = slow.value / r.value
+
+
+def run_case(
+    case: Case, dtype: torch.dtype, settings: Settings, log: Callable[[str], None],
+    extra_contestants: list[Contestant] = (),
+) -> list[Row]:
+    op = OPS[case.op]
+    missing = op.missing()
+    if missing:
+        log(f"  not implemented yet: {missing}")
+        return [Row(case.name, dtype_name(dtype), op.subject, "*", "not implemented yet", reason=missing)]
+    modes = settings.modes or case.modes
+    contestants = [c for c in op.contestants(settings.device, dtype, settings.backends) if _keep(c.name, op.floor, settings)]
+    contestants += list(extra_contestants)
+    seed = sum(map(ord, case.name))  # inputs differ between cases, repeat between runs
+    sets = input_sets(case, dtype, settings, seed)
+    ref = reference(case, sets[0], differentiates(case, modes)) if any(c.checked for c in contestants) else None
+    if settings.device.type == "cuda":
+        torch.cuda.empty_cache()  # the float64 reference's blocks are not the contestants'
+    rows = []
+    for c in contestants:
+        rows += run_contestant(case, dtype, c, sets, ref, modes, settings, log)
+    add_ratios(rows, op.floor, op.naive)
+    return rows
+
+
+def stderr_log(start: float) -> Callable[[str], None]:
+    def log(msg: str) -> None:
+        print(f"[{time.perf_counter() - start:7.1f}s] {msg}", file=sys.stderr, flush=True)
+
+    return log
+
+
+def run_suite(
+    cases: list[Case], dtypes: list[torch.dtype] | None, settings: Settings,
+    log: Callable[[str], None] | None = None, extra_contestants: dict | None = None,
+) -> list[Row]:
+    """Every case at every dtype (a case with its own dtype keeps it unless dtypes are given),
+    settings.passes times over the whole suite, merged by `merge_passes`.
+    extra_contestants: op name -> contestants added to each case of that op (tests use it)."""
+    log = log or stderr_log(time.perf_counter())
+    passes = []
+    for n in range(settings.passes):
+        rows = []
+        for i, case in enumerate(cases, 1):
+            for dtype in dtypes or [case.dtype or default_dtype(settings.device)]:
+                where = f"pass {n + 1}/{settings.passes} " if settings.passes > 1 else ""
+                log(f"{where}({i}/{len(cases)}) {case.name} [{dtype_name(dtype)}] {case.describe()}")
+                rows += run_case(case, dtype, settings, log, (extra_contestants or {}).get(case.op, []))
+        passes.append(rows)
+    return merge_passes(passes)
+
+
+def merge_passes(passes: list[list[Row]]) -> list[Row]:
+    """One row per (case, dtype, contestant, mode) from several passes over the suite.
+
+    Passes are minutes apart, so they see the host's slow drift (other work, clocks), which
+    one measurement's quartiles do not: the median of the passes is reported, every pass's
+    median is kept, and ratios are the median of each pass's ratio (base and contestant
+    measured seconds apart). A row that is not ok in some pass is reported as that pass saw it.
+    """
+    groups: dict[tuple, list[Row]] = {}
+    for rows in passes:
+        for r in rows:
+            groups.setdefault((r.case, r.dtype, r.contestant, r.mode), []).append(r)
+    merged = []
+    for rs in groups.values():
+        m = dataclasses.replace(rs[0])
+        failed = [(n, r) for n, r in enumerate(rs, 1) if r.status != "ok"]
+        if failed:
+            n, r = failed[0]
+            m = dataclasses.replace(r)
+            if len(failed) < len(rs):
+                m.reason = f"in pass {n} of {len(rs)}: {r.reason}"
+            merged.append(m)
+            continue
+        if m.mode != "memory":
+            m.pass_medians_ms = [r.median_ms for r in rs]
+            m.median_ms = statistics.median(m.pass_medians_ms)
+            m.iqr_ms = statistics.median(r.iqr_ms for r in rs)
+        else:
+            m.peak_mib = max(r.peak_mib for r in rs)
+        for name in ("ratio_over_base", "speedup_over_naive"):
+            values = [getattr(r, name) for r in rs if getattr(r, name) is not None]
+            setattr(m, name, statistics.median(values) if values else None)
+        m.rel_error = max((r.rel_error for r in rs if r.rel_error is not None), default=None)
+        merged.append(m)
+    return merged
