@@ -100,7 +100,7 @@ def _cases(profile: str) -> list[Case]:
         # perf.md's CPU-backend row, at its exact shape (fp32, whatever the suite's dtype).
         cpu_shape = _molora(256, 1024, 8, 16, 2) if profile == "cpu" else _molora(16, 64, 4, 8, 2)
         cases.append(Case("cpu", "molora", cpu_shape, ("forward", "fwd+bwd"), "CPU backend target",
-                          dtype=torch.float32, target=">= 2x faster than the naive loop"))
+                          dtype=torch.float32, target=">= 2x faster than the reference loop"))
     cases += [
         Case(f"sweep-T-{t}", "molora", _molora(t, d, 8, 16, 2), ("forward",), "sweep over T",
              sweep=("T", t))

@@ -104,8 +104,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{c.name:<18} {c.describe():<42} {dtype:<9} {','.join(settings.modes or c.modes):<30} {c.target}")
         for op_name in dict.fromkeys(c.op for c in cases):
             op, dtype = OPS[op_name], (dtypes or [cases_mod.default_dtype(device)])[0]
-            missing = op.missing()
-            names = [missing] if missing else [ct.name for ct in op.contestants(device, dtype, settings.backends)]
+            names = [ct.name for ct in op.contestants(device, dtype, settings.backends)]
             print(f"\ncontestants ({op_name}, {device.type}): {', '.join(names)}")
         return 0
 

@@ -68,7 +68,7 @@ class Row:
     dtype: str
     contestant: str
     mode: str  # a mode, or "*" when the status holds for every mode of the case
-    status: str  # ok | WRONG | error | unavailable | not applicable | not implemented yet
+    status: str  # ok | WRONG | error | unavailable | not applicable
     reason: str = ""
     median_ms: float | None = None
     iqr_ms: float | None = None
@@ -380,10 +380,6 @@ def run_case(
     extra_contestants: list[Contestant] = (),
 ) -> list[Row]:
     op = OPS[case.op]
-    missing = op.missing()
-    if missing:
-        log(f"  not implemented yet: {missing}")
-        return [Row(case.name, dtype_name(dtype), op.subject, "*", "not implemented yet", reason=missing)]
     modes = settings.modes or case.modes
     contestants = [c for c in op.contestants(settings.device, dtype, settings.backends) if _keep(c.name, op.floor, settings)]
     contestants += list(extra_contestants)

@@ -10,12 +10,13 @@ The contestants of the core op (spec §1), all on the same inputs:
 
     base linear     F.linear(x, W, b): the floor every ratio divides by (computes no LoRA)
     naive loop      the per-expert loop of PEFT-based MoE layers (MixLoRA, X-LoRA)
+    reference loop  moelora.reference.molora_linear_ref, eager (perf.md's CPU target's yardstick)
     dense masked    every expert on every token, masked by the gates: three GEMMs
     compile(ref)    torch.compile of moelora.reference.molora_linear_ref
     peft            PEFT's own LoRA layer: plain LoRA (E = 1), and mixed-adapter batches
     moelora:<name>  moelora.molora_linear(..., backend=<name>) for each backend of the device
 
-and of the per-expert heads log-probs (spec §5, MoE-DPO), once moelora.expert_logprobs exists:
+and of the per-expert heads log-probs (spec §5, MoE-DPO):
 
     K head GEMMs    the K heads' logits alone: the time floor
     naive [T,K,V]   moelora's naive form (every logit materialised), the memory baseline
@@ -33,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import moelora
+from moelora.ops.expert_logprobs import naive_expert_logprobs
 from moelora.reference import molora_linear_ref, topk_route_ref
 
 from benchmarks.cases import SCALING, Case
@@ -75,12 +77,10 @@ class Contestant:
 class Op:
     floor: str  # the contestant every ratio divides by
     naive: str  # the contestant the speed-up is measured over
-    subject: str  # what moelora provides for this op (named in a "not implemented yet" row)
     make_inputs: Callable[[Case, torch.device, torch.dtype, int], InputSet]
     reference: Callable[[], Callable[..., Tensor]]  # gives the ground truth, run in float64 on InputSet.args
     grad_names: Callable[[Case], tuple[str, ...]]
     contestants: Callable[[torch.device, torch.dtype, tuple | None], list[Contestant]]
-    missing: Callable[[], str | None] = lambda: None  # why the subject cannot run at all
 
 
 def brief(exc: BaseException) -> str:
@@ -312,6 +312,9 @@ def _molora_contestants(device: torch.device, dtype: torch.dtype, backends: tupl
     contestants = [
         Contestant("base linear", _call(base_linear, lambda case: ("x",)), checked=False),
         Contestant("naive loop", _call(naive_loop, _molora_grads), capturable=False),
+        # perf.md's CPU target is stated against this one: moelora.reference run eagerly
+        # (a loop over the k slots, gathering each token's A_e and B_e)
+        Contestant("reference loop", _call(molora_linear_ref, _molora_grads)),
         Contestant("dense masked", _call(dense_masked, _molora_grads)),
         Contestant("compile(ref)", _compiled(molora_linear_ref, _molora_grads)),
         Contestant("peft", _peft_setup, capturable=False),  # mixed batches index with lists
@@ -348,19 +351,10 @@ def _logprob_inputs(case: Case, device: torch.device, dtype: torch.dtype, seed: 
     return InputSet(args, _randn(gen, device, dtype, T, K))
 
 
-def _logprobs_module():
-    """moelora's module of the per-expert log-prob op, or None while it does not exist."""
-    try:
-        from moelora.ops import expert_logprobs as module
-    except ImportError:
-        return None
-    return module
-
-
 def _logprobs_reference() -> Callable[..., Tensor]:
     # moelora's naive form: every [T, K, V] logit, fp32 log-softmax, gather; the reference in
     # float64 and the memory baseline in the training dtype.
-    return _logprobs_module().naive_expert_logprobs
+    return naive_expert_logprobs
 
 
 def head_gemms(hidden, heads, targets):
@@ -387,21 +381,15 @@ def _logprob_contestants(device: torch.device, dtype: torch.dtype, backends: tup
     return contestants
 
 
-def _logprobs_missing() -> str | None:
-    if hasattr(moelora, "expert_logprobs") and _logprobs_module() is not None:
-        return None
-    return "moelora.expert_logprobs does not exist yet (spec §5)"
-
-
 OPS: dict[str, Op] = {
     "molora": Op(
-        floor="base linear", naive="naive loop", subject="moelora.molora_linear",
+        floor="base linear", naive="naive loop",
         make_inputs=_molora_inputs, reference=lambda: molora_linear_ref, grad_names=_molora_grads,
         contestants=_molora_contestants,
     ),
     "logprobs": Op(
-        floor="K head GEMMs", naive="naive [T,K,V]", subject="moelora.expert_logprobs",
+        floor="K head GEMMs", naive="naive [T,K,V]",
         make_inputs=_logprob_inputs, reference=_logprobs_reference, grad_names=_logprob_grads,
-        contestants=_logprob_contestants, missing=_logprobs_missing,
+        contestants=_logprob_contestants,
     ),
 }
