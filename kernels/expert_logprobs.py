@@ -239,11 +239,12 @@ def backward(grad_logp, hidden, heads, targets, lse, ignore_index, compute_grad_
         grad_hidden = (partial[0] if K == 1 else partial.sum(0)).to(hidden.dtype)
     grad_heads = heads.new_empty(0)
     if compute_grad_heads:
-        grad_heads = torch.zeros_like(heads)
         # fp32 heads accumulate in place; 16-bit heads go through one expert's fp32 scratch
-        # ([V, d], not [K, V, d]: 0.5 GB rather than 2 GB at V = 32000, d = 4096).
+        # ([V, d], not [K, V, d]: 0.5 GB rather than 2 GB at V = 32000, d = 4096) and every
+        # expert's slice is overwritten by its copy, so only the in-place case needs zeros.
         scratch = None if heads.dtype == torch.float32 else torch.empty(
             V, D, dtype=torch.float32, device=device)
+        grad_heads = torch.zeros_like(heads) if scratch is None else torch.empty_like(heads)
         for k in range(K):
             out = grad_heads[k] if scratch is None else scratch.zero_()
             _grad_head_kernel[(triton.cdiv(V, block_v),)](

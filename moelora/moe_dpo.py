@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from moelora.losses.dpo import MixtureDPOOutput, mixture_dpo_loss, sequence_logprobs
+from moelora.ops.backends import accumulate_dtype
 from moelora.ops.expert_logprobs import expert_logprobs
 
 __all__ = [
@@ -51,10 +52,13 @@ def pool_hidden(hidden: Tensor, attention_mask: Optional[Tensor] = None, mode: s
         attention_mask = hidden.new_ones(B, S)
     elif tuple(attention_mask.shape) != (B, S):
         raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected [{B}, {S}]")
-    mask = attention_mask.to(hidden.dtype)
     if mode == "mean":
-        total = (hidden * mask.unsqueeze(-1)).sum(1)
-        return total / mask.sum(1, keepdim=True).clamp(min=1)
+        # sum and count in fp32 (fp64 stays): an fp16 sum over a long prompt overflows (4096
+        # tokens of a feature of size 20 is past 65504); 16-bit counts are inexact past 256
+        acc = accumulate_dtype(hidden.dtype)
+        total = (hidden * attention_mask.to(hidden.dtype).unsqueeze(-1)).sum(1, dtype=acc)
+        count = attention_mask.sum(1, keepdim=True, dtype=acc).clamp(min=1)
+        return (total / count).to(hidden.dtype)
     positions = torch.arange(S, device=hidden.device)
     last = torch.where(attention_mask.bool(), positions, -1).amax(1).clamp(min=0)  # [B]
     return hidden[torch.arange(B, device=hidden.device), last]
@@ -243,11 +247,12 @@ class MoEDPOModel(nn.Module):
 
     def sequence_logprobs(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor, *,
                           user_embedding: Optional[Tensor] = None,
-                          gate_rows: Optional[int] = None):
+                          gate_rows: Optional[int] = None, with_reference: bool = True):
         """-> ``(policy [B, K], reference [B] or None, log_weights [gate_rows or B, K])``.
 
         The gate is evaluated on the first ``gate_rows`` sequences only (chosen and rejected
-        share a prompt, so their gates are one).
+        share a prompt, so their gates are one). The reference is None without a
+        ``reference_head`` or with ``with_reference=False`` (reference log-probs precomputed).
         """
         hidden = _last_hidden(self.backbone(input_ids, attention_mask=attention_mask))
         if hidden.shape[:2] != input_ids.shape:
@@ -260,11 +265,12 @@ class MoEDPOModel(nn.Module):
         log_weights = self.gate(hidden[:rows], prompt_mask[:rows], user_embedding)
         # position s scores token s + 1; prompt and padding labels are ignore_index -> logp 0
         targets = labels[:, 1:]
+        ref_head = self.reference_head if with_reference else None
         out = expert_logprobs(
             hidden[:, :-1], self.heads, targets, ignore_index=self.ignore_index,
-            ref_head=self.reference_head, backend=self.backend,
+            ref_head=ref_head, backend=self.backend,
         )
-        if self.reference_head is None:
+        if ref_head is None:
             return sequence_logprobs(out), None, log_weights
         token_logps, token_ref = out
         return sequence_logprobs(token_logps), sequence_logprobs(token_ref.unsqueeze(-1))[:, 0], log_weights
@@ -283,9 +289,12 @@ class MoEDPOModel(nn.Module):
         mask = torch.cat([_pad_to(chosen_attention_mask, S, 0), _pad_to(rejected_attention_mask, S, 0)])
         labels = torch.cat([_pad_to(chosen_labels, S, self.ignore_index),
                             _pad_to(rejected_labels, S, self.ignore_index)])
+        # precomputed reference log-probs take precedence: then no on-the-fly reference pass
+        precomputed = reference_chosen_logps is not None or reference_rejected_logps is not None
         policy, reference, log_weights = self.sequence_logprobs(
-            input_ids, mask, labels, user_embedding=user_embedding, gate_rows=B)
-        if reference_chosen_logps is None and reference is not None:
+            input_ids, mask, labels, user_embedding=user_embedding, gate_rows=B,
+            with_reference=not precomputed)
+        if not precomputed and reference is not None:
             reference_chosen_logps, reference_rejected_logps = reference[:B], reference[B:]
         return mixture_dpo_loss(
             policy[:B], policy[B:], reference_chosen_logps, reference_rejected_logps,

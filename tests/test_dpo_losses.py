@@ -106,6 +106,34 @@ def test_label_smoothing_mixture_by_hand():
     assert got.item() == pytest.approx(-(1 - eps) * math.log(z_pos) - eps * math.log(z_neg), rel=1e-12)
 
 
+def test_label_smoothing_em_by_hand():
+    """K = 2: (1 - eps) L(D) + eps L(-D), each term with its own (constant) responsibilities."""
+    D = torch.tensor([[0.8, -1.2]], dtype=torch.float64, requires_grad=True)
+    logits = torch.tensor([[0.4, -0.1]], dtype=torch.float64, requires_grad=True)
+    log_w = torch.log_softmax(logits, -1)
+    w = [math.exp(v) for v in log_w[0].tolist()]
+    d = D[0].tolist()
+    eps = 0.2
+
+    def posterior(sign):
+        s = [_sig(sign * d[k]) for k in range(2)]
+        z = w[0] * s[0] + w[1] * s[1]
+        return s, [w[k] * s[k] / z for k in range(2)]
+
+    (s_pos, q_pos), (s_neg, q_neg) = posterior(1), posterior(-1)
+    term = lambda s, q: -sum(q[k] * (math.log(s[k]) + math.log(w[k])) for k in range(2))
+    loss, resp = mixture_dpo_em_loss(D, log_w, label_smoothing=eps)
+    assert loss.item() == pytest.approx((1 - eps) * term(s_pos, q_pos) + eps * term(s_neg, q_neg), rel=1e-12)
+    torch.testing.assert_close(resp, torch.tensor([q_pos], dtype=torch.float64))
+    gD, gl = torch.autograd.grad(loss, [D, logits])
+    # d/dD_k: -(1 - eps) q+_k (1 - sigmoid(D_k)) + eps q-_k sigmoid(D_k)
+    want_gD = [-(1 - eps) * q_pos[k] * (1 - s_pos[k]) + eps * q_neg[k] * s_pos[k] for k in range(2)]
+    torch.testing.assert_close(gD, torch.tensor([want_gD], dtype=torch.float64))
+    # d/dlogit_k: w_k - ((1 - eps) q+_k + eps q-_k)
+    want_gl = [w[k] - (1 - eps) * q_pos[k] - eps * q_neg[k] for k in range(2)]
+    torch.testing.assert_close(gl, torch.tensor([want_gl], dtype=torch.float64))
+
+
 def test_extreme_margins_and_zero_weight_stay_finite():
     D = torch.tensor([[1e4, -1e4, 30.0], [-1e4, -1e4, -1e4]], requires_grad=True)
     w = torch.tensor([0.5, 0.5, 0.0])  # expert 2 switched off
@@ -115,6 +143,20 @@ def test_extreme_margins_and_zero_weight_stay_finite():
         (g,) = torch.autograd.grad(loss, [D])
         assert torch.isfinite(loss) and torch.isfinite(g).all(), objective
         assert g[:, 2].abs().max() == 0  # no weight, no responsibility, no gradient
+
+
+@pytest.mark.parametrize("objective", ["em", "mixture"])
+def test_underflowed_softmax_weights_give_finite_gradients(objective):
+    """weights = softmax(logits) with exact zeros: the same loss and logits gradient as the
+    log_softmax form (d w_k / d logits = 0 there), not nan from log's 1/0."""
+    logits = torch.tensor([[0.0, 200.0, -200.0], [1.0, -0.5, 0.3]], requires_grad=True)
+    pc, pr = torch.randn(2, 3), torch.randn(2, 3)
+    got = mixture_dpo_loss(pc, pr, weights=torch.softmax(logits, -1), objective=objective).loss
+    want = mixture_dpo_loss(pc, pr, log_weights=torch.log_softmax(logits, -1), objective=objective).loss
+    torch.testing.assert_close(got, want)
+    (g_got,), (g_want,) = torch.autograd.grad(got, [logits]), torch.autograd.grad(want, [logits])
+    assert torch.isfinite(g_got).all()
+    torch.testing.assert_close(g_got, g_want)
 
 
 def test_reductions():
@@ -184,6 +226,16 @@ def test_sequence_logprobs_padded_and_packed():
     x = packed.clone().requires_grad_()
     (g,) = torch.autograd.grad(sequence_logprobs(x, sequence_ids=ids, num_sequences=3).sum(), [x])
     torch.testing.assert_close(g[:, 0], (ids >= 0).float())
+    # an uncounted -inf (a pad token's log-prob under a vocab mask) is dropped, not nan
+    poisoned = tok.clone().requires_grad_()
+    masked_inf = torch.where(mask.bool().unsqueeze(-1), poisoned, float("-inf"))
+    out = sequence_logprobs(masked_inf, mask=mask)
+    torch.testing.assert_close(out, torch.tensor([[2.0, 4.0], [24.0, 27.0]]))
+    (g,) = torch.autograd.grad(out.sum(), [poisoned])
+    torch.testing.assert_close(g, mask.float().unsqueeze(-1).expand(2, 3, 2))
+    out = sequence_logprobs(masked_inf.reshape(6, 2), sequence_ids=torch.tensor([0, 0, -1, 1, 1, 1]),
+                            num_sequences=2)
+    torch.testing.assert_close(out, torch.tensor([[2.0, 4.0], [24.0, 27.0]]))
     with pytest.raises(ValueError, match="num_sequences"):
         sequence_logprobs(packed, sequence_ids=ids)
     with pytest.raises(ValueError, match="mask has shape"):
@@ -201,6 +253,20 @@ def test_pool_hidden():
     torch.testing.assert_close(pool_hidden(h, None, "last"), h[:, -1])
     with pytest.raises(ValueError, match="pooling"):
         pool_hidden(h, mask, "max")
+
+
+def test_pool_hidden_mean_of_a_long_fp16_prompt():
+    """fp16: 5000 tokens of value 20 sum past 65504; the mean must still be 20. bf16: a count
+    of 301 tokens, which rounds to 300 in bf16, must not bias the mean."""
+    h = torch.full((2, 5000, 3), 20.0, dtype=torch.float16)
+    mask = torch.ones(2, 5000, dtype=torch.bool)
+    mask[1, :4699] = False  # 301 tokens
+    out = pool_hidden(h, mask, "mean")
+    assert out.dtype == torch.float16
+    torch.testing.assert_close(out, torch.full((2, 3), 20.0, dtype=torch.float16))
+    hb = torch.zeros(1, 301, 1, dtype=torch.bfloat16)
+    hb[0, 0] = 300.0  # mean 300 / 301 = 0.9967 -> bf16 0.9961; a count rounded to 300 gives 1
+    assert pool_hidden(hb, None, "mean").item() == torch.tensor(300 / 301).bfloat16().item()
 
 
 def test_sequence_gate_and_fixed_mixture():
@@ -290,6 +356,20 @@ def test_moe_dpo_model_matches_hand_computation():
         torch.testing.assert_close(a, b)
     assert not model.reference_head.requires_grad
 
-    # precomputed reference log-probs take precedence over the on-the-fly reference head
-    pre = model(*chosen, *rejected, reference_chosen_logps=rc + 1.0, reference_rejected_logps=rr)
+    # precomputed reference log-probs take precedence over the on-the-fly reference head,
+    # which then is not run at all
+    import moelora.moe_dpo as moe_dpo
+    seen = []
+    real = moe_dpo.expert_logprobs
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("ref_head"))
+        return real(*args, **kwargs)
+
+    moe_dpo.expert_logprobs = spy
+    try:
+        pre = model(*chosen, *rejected, reference_chosen_logps=rc + 1.0, reference_rejected_logps=rr)
+    finally:
+        moe_dpo.expert_logprobs = real
     torch.testing.assert_close(pre.margins, out.margins - 0.3)
+    assert seen == [None]

@@ -152,6 +152,48 @@ def test_reference_head(backend):
     torch.testing.assert_close(logp, expert_logprobs(hidden, heads, p["targets"], backend=backend))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_large_logits(backend):
+    """Logits spread over thousands (std ~600): the online logsumexp and the softmax rebuilt
+    from the saved lse stay finite and exact; most targets have log-probs in the thousands."""
+    p = _problem(17, 20, 70, 3, 0.25)
+    p["heads"] = 300 * p["heads"]
+    check_against_reference(backend, p, torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ignore_index_in_the_padded_tile(backend):
+    """ignore_index = V + 3 lies inside the last 64-wide V tile's masked columns."""
+    check_against_reference(backend, _problem(17, 20, 70, 3, 0.3, ignore_index=73), torch.float32,
+                            ignore_index=73)
+
+
+@pytest.mark.parametrize("frozen", ["heads", "hidden"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_frozen_input_gets_no_gradient_work(backend, frozen, monkeypatch):
+    """A frozen head (or hidden) is neither differentiated nor given a gradient buffer: the
+    backward is asked for the other input's gradient only, which still matches the reference."""
+    calls = []
+    impl = el._backward_impl
+
+    def spy(*args):
+        calls.append(args[-2:])  # (compute_grad_hidden, compute_grad_heads)
+        return impl(*args)
+
+    monkeypatch.setattr(el, "_backward_impl", spy)
+    p = _problem(17, 20, 70, 3, 0.25)
+    hidden, heads, targets = p["hidden"].float(), p["heads"].float(), p["targets"]
+    live = heads if frozen == "hidden" else hidden
+    live.requires_grad_()
+    grad_out = torch.randn(17, 3, device=DEVICE)
+    (got,) = torch.autograd.grad(expert_logprobs(hidden, heads, targets, backend=backend), [live], grad_out)
+    assert calls == [(frozen == "heads", frozen == "hidden")]
+    h64, w64 = hidden.detach().double(), heads.detach().double()
+    live64 = (w64 if frozen == "hidden" else h64).requires_grad_()
+    (want,) = torch.autograd.grad(expert_logprobs_ref(h64, w64, targets), [live64], grad_out.double())
+    assert rel_error(got, want) <= 1e-5
+
+
 class _LargestTensor(TorchDispatchMode):
     """Records the largest tensor any aten op returns."""
 
@@ -183,21 +225,28 @@ def test_never_materialises_logits(backend):
 # --------------------------------------------------------------------------------------------
 # registered ops: opcheck, torch.compile
 # --------------------------------------------------------------------------------------------
-def _op_inputs():
+def _op_inputs(hidden_dtype=torch.float32):
     p = _problem(17, 20, 70, 3, 0.25)
-    return p["hidden"].float(), p["heads"].float(), p["targets"]
+    return p["hidden"].to(hidden_dtype), p["heads"].float(), p["targets"]
 
 
+# fp32 throughout, and the mixed case whose outputs (fp32 logp, bf16 grad_hidden) differ in
+# dtype from some inputs: the fake implementations must say so too
+OP_DTYPES = [torch.float32, torch.bfloat16]
+
+
+@pytest.mark.parametrize("hidden_dtype", OP_DTYPES, ids=str)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_opcheck_forward(backend):
-    hidden, heads, targets = _op_inputs()
+def test_opcheck_forward(backend, hidden_dtype):
+    hidden, heads, targets = _op_inputs(hidden_dtype)
     args = (hidden.requires_grad_(), heads.requires_grad_(), targets, -100, backend)
     torch.library.opcheck(torch.ops.moelora.expert_logprobs_fwd.default, args)
 
 
+@pytest.mark.parametrize("hidden_dtype", OP_DTYPES, ids=str)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_opcheck_backward(backend):
-    hidden, heads, targets = _op_inputs()
+def test_opcheck_backward(backend, hidden_dtype):
+    hidden, heads, targets = _op_inputs(hidden_dtype)
     _, lse = torch.ops.moelora.expert_logprobs_fwd(hidden, heads, targets, -100, backend)
     grad = torch.randn(lse.shape, device=DEVICE)
     for flags in ((True, True), (True, False), (False, True)):
@@ -282,9 +331,24 @@ def test_triton_without_float64():
         expert_logprobs(p["hidden"].double(), p["heads"].double(), p["targets"], backend="triton")
 
 
-def test_auto_never_picks_the_interpreter():
-    if DEVICE.type == "cpu":
-        assert el._resolve_backend("auto", DEVICE, (torch.float32,)) == "torch"
+def test_auto_never_picks_the_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.delenv("MOELORA_BACKEND", raising=False)
+    assert el._resolve_backend("auto", torch.device("cpu"), (torch.float32,)) == "torch"
+
+
+def test_backend_resolution_is_the_shared_one(monkeypatch):
+    """MOELORA_BACKEND overrides `auto` here as for the core op; the core op's compiled
+    extension backends (cpu / cuda) have no kernel for this op and mean torch."""
+    cpu = torch.device("cpu")
+    monkeypatch.setenv("MOELORA_BACKEND", "torch")
+    assert el._resolve_backend("auto", cpu, (torch.float32,)) == "torch"
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    if triton_supports(cpu, (torch.float32,)):
+        monkeypatch.setenv("MOELORA_BACKEND", "triton")
+        assert el._resolve_backend("auto", cpu, (torch.float32,)) == "triton"
+    monkeypatch.setattr(el, "resolve_backend", lambda name, device, dtypes: "cpu")
+    assert el._resolve_backend("auto", cpu, (torch.float32,)) == "torch"
 
 
 # --------------------------------------------------------------------------------------------

@@ -127,7 +127,8 @@ def sequence_logprobs(
             raise ValueError(f"mask has shape {tuple(mask.shape)}, expected [{B}, {S}] ([B, S])")
         weights = mask.to(token_logprobs.dtype)
     w = weights.view(B, S, *([1] * (token_logprobs.dim() - 2)))
-    out = (token_logprobs * w).sum(1)
+    # where, not a bare product: an uncounted -inf (a masked-out pad token's log-prob) * 0 is nan
+    out = torch.where(w != 0, token_logprobs * w, 0.0).sum(1)
     if average:
         out = out / weights.sum(1).clamp(min=1).view(B, *([1] * (out.dim() - 1)))
     return out
@@ -277,7 +278,10 @@ def mixture_dpo_loss(
     if log_weights is not None and weights is not None:
         raise ValueError("give log_weights or weights, not both")
     if weights is not None:
-        log_weights = torch.log(weights)
+        # log(0) = -inf is right, but its gradient 1/0 times 0 is nan; a weight that is exactly
+        # 0 (e.g. an underflowed softmax) passes no gradient instead, as through the softmax
+        positive = weights > 0
+        log_weights = torch.where(positive, torch.where(positive, weights, 1.0).log(), float("-inf"))
     elif log_weights is None:
         log_weights = margins.new_full((K,), -math.log(K))
     log_w = _as_log_weights(margins, log_weights)

@@ -27,7 +27,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from moelora.ops.backends import accumulate_dtype, triton_supports
+from moelora.ops.backends import accumulate_dtype, resolve_backend
 
 __all__ = ["expert_logprobs", "expert_logprobs_ref", "naive_expert_logprobs"]
 
@@ -156,23 +156,25 @@ def _triton_module():
 
 
 @torch.compiler.assume_constant_result
-def _triton_usable(device: torch.device, dtypes: tuple) -> bool:
+def _kernels_importable() -> bool:
     # Evaluated eagerly and treated as a constant under torch.compile: the probe imports.
-    return triton_supports(device, dtypes) and _triton_module() is not None
+    return _triton_module() is not None
 
 
 def _resolve_backend(name: str, device: torch.device, dtypes: tuple) -> str:
-    """`auto` is Triton on a GPU, torch otherwise; it never picks the (test-only) interpreter."""
+    """The core op's resolution (``moelora.ops.backends.resolve_backend``: ``auto`` order per
+    device, ``MOELORA_BACKEND``, the interpreter never picked by ``auto``, the same "not
+    available" error), restricted to the backends this op has. The compiled extension's
+    ``cpu`` / ``cuda`` have no kernel for it: where ``auto`` lands on one, this op runs torch."""
     if name not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS} for expert_logprobs, got {name!r}")
-    if name == "auto":
-        return "triton" if device.type == "cuda" and _triton_usable(device, dtypes) else "torch"
-    if name == "triton" and not _triton_usable(device, dtypes):
-        raise ValueError(
-            f"backend 'triton' is not available for {'/'.join(map(str, dtypes))} tensors on "
-            f"{device} (it needs a GPU, or TRITON_INTERPRET=1 on CPU, and no float64)"
-        )
-    return name
+    resolved = resolve_backend(name, device, dtypes)
+    if resolved == "triton" and not _kernels_importable():
+        if name == "auto":
+            return "torch"
+        raise ValueError(f"backend 'triton' is not available for expert_logprobs: "
+                         f"moelora.kernels.expert_logprobs failed to import")
+    return resolved if resolved == "triton" else "torch"
 
 
 def _forward_impl(backend, hidden, heads, targets, ignore_index):
