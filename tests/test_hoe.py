@@ -104,6 +104,9 @@ def test_hoe_router_training_and_non_identity_anchors():
     model(torch.randn(4, 10)).sum().backward()
     grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     assert grads and all(".router." in n for n in grads)
+    for name, grad in grads.items():  # pi = (0, 1, 0): the other router experts get exactly 0
+        assert grad[0].abs().max() == 0 and grad[2].abs().max() == 0, name
+        assert grad[1].abs().max() > 0, name
 
 
 def test_tchebycheff():

@@ -81,6 +81,17 @@ def test_target_matching_rules():
         inject(model, MoLoRAConfig(target_modules=["nope"]))
 
 
+def test_second_inject_keeps_the_first_layers_flags():
+    model = inject(_Small(), MoLoRAConfig(target_modules=["q_proj"], num_experts=2, r=2))
+    model.q_proj.lora_A.weight.requires_grad_(False)  # e.g. frozen imported / HoE experts
+    inject(model, MoLoRAConfig(target_modules=["v_proj"], num_experts=2, r=2))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"q_proj.lora_B.weight", "q_proj.router.weight", "v_proj.lora_A.weight",
+                         "v_proj.lora_B.weight", "v_proj.router.weight"}
+    uninject(model)
+    assert all(p.requires_grad for p in model.parameters())
+
+
 def _peft_adapter(base, path, seed, **lora_kwargs):
     peft = pytest.importorskip("peft")
     torch.manual_seed(seed)
@@ -190,19 +201,88 @@ def test_save_load_round_trip(tmp_path):
     torch.testing.assert_close(_logits(reloaded, IDS), _logits(gated, IDS), rtol=0, atol=0)
 
 
+class _Small(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q_proj = nn.Linear(10, 10)
+        self.v_proj = nn.Linear(10, 6)
+
+    def forward(self, x):
+        return self.v_proj(torch.relu(self.q_proj(x)))
+
+
+@pytest.mark.parametrize("router", ["dense", {"type": "fixed", "k": 2}, {"type": "topk", "k": 1, "noisy": True},
+                                    "hoe"], ids=["dense", "fixed-k", "noisy-topk", "hoe"])
+def test_save_load_round_trip_every_router(tmp_path, router):
+    pytest.importorskip("safetensors")
+    from moelora.layers import HoEConfig, build_hoe, set_preference
+
+    base = _Small()
+    x = torch.randn(2, 3, 10)
+    if router == "hoe":  # non-identity anchors, random routers, top-1: config + buffers must survive
+        tuned = [copy.deepcopy(base) for _ in range(2)]
+        for t in tuned:
+            with torch.no_grad():
+                for p in t.parameters():
+                    p.add_(0.3 * torch.randn_like(p))
+        model = build_hoe(copy.deepcopy(base), tuned, HoEConfig(r=4, anchors=[[1.0, 0.0], [0.5, 0.5], [0.0, 1.0]],
+                                                                router_init="random", top_k=1))
+    else:
+        model = inject(copy.deepcopy(base), MoLoRAConfig(num_experts=3, r=2, router=router, init_lora_weights=False))
+        if isinstance(router, dict) and router["type"] == "fixed":
+            set_gates(model, None)
+            for _, layer in molora_layers(model):
+                layer.router.default_gates.copy_(torch.tensor([0.5, 0.125, 0.375]))
+    model.eval()
+    lam = torch.tensor([[0.7, 0.3], [0.2, 0.8]])
+    if router == "hoe":
+        set_preference(model, lam)
+    expected = model(x)
+    save_moelora(model, tmp_path)
+    fresh = load_moelora(copy.deepcopy(base), tmp_path).eval()
+    if router == "hoe":
+        set_preference(fresh, lam)  # the preference is per request, not saved
+    assert [n for n, _ in molora_layers(fresh)] == ["q_proj", "v_proj"]
+    torch.testing.assert_close(fresh(x), expected, rtol=0, atol=0)
+
+
 def _lora_sd():
     g = torch.Generator().manual_seed(0)
     return {"base_model.model.model.layers.0.mlp.up_proj.lora_A.weight": torch.randn(2, 32, generator=g),
             "base_model.model.model.layers.0.mlp.up_proj.lora_B.weight": torch.randn(48, 2, generator=g)}
 
 
+def _functions_defined_in(package_dir, classes):
+    """(class, attribute) pairs whose function's code lives under package_dir (catches patches,
+    also functools.wraps wrappers, which copy __module__ but not __code__)."""
+    found = []
+    for cls in classes:
+        for attr, value in vars(cls).items():
+            for fn in (value, getattr(value, "__func__", None), getattr(value, "fget", None)):
+                code = getattr(fn, "__code__", None)
+                if code is not None and os.path.abspath(code.co_filename).startswith(package_dir):
+                    found.append(f"{cls.__module__}.{cls.__qualname__}.{attr}")
+    return found
+
+
 def test_nothing_patched_on_import():
     import importlib
+    import inspect
+
+    import moelora
 
     forward = nn.Linear.forward
-    for module in ("moelora.layers", "moelora.integrations", "moelora.losses.pmol"):
+    for module in ("moelora", "moelora.layers", "moelora.integrations", "moelora.losses.pmol"):
         importlib.reload(importlib.import_module(module))
     assert nn.Linear.forward is forward
+    # no torch.nn / transformers class carries a function written in moelora (imports are done:
+    # anything patched at import time would show here)
+    package_dir = os.path.dirname(os.path.abspath(moelora.__file__))
+    modeling_llama = pytest.importorskip("transformers.models.llama.modeling_llama")
+    classes = {cls for module in (nn, nn.modules.linear, nn.modules.module, modeling_llama)
+               for _, cls in inspect.getmembers(module, inspect.isclass)}
+    assert _functions_defined_in(package_dir, classes) == []
+    assert _functions_defined_in(package_dir, [torch.Tensor]) == []
 
 
 # --------------------------------------------------------------------------------------------
@@ -240,6 +320,19 @@ def _ddp_step(model, rank, module=None):
     loss.backward()
 
 
+def _moslim_head():
+    from moelora.layers import MultiObjectiveRewardHead
+
+    torch.manual_seed(0)
+    return MultiObjectiveRewardHead(16, [3, 2, 4])
+
+
+def _moslim_batch(rank):
+    g = torch.Generator().manual_seed(200 + rank)
+    targets = torch.stack([torch.randint(0, c, (4 + rank,), generator=g) for c in (3, 2, 4)], -1)
+    return torch.randn(4 + rank, 16, generator=g), targets, torch.rand(4 + rank, 3, generator=g) > 0.3
+
+
 def _ddp_worker(rank, world_size, port, out_dir):
     import datetime
     import faulthandler
@@ -255,6 +348,11 @@ def _ddp_worker(rank, world_size, port, out_dir):
     ddp = DistributedDataParallel(model)
     _ddp_step(ddp, rank, module=model)
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    # MOSLIM's running reward statistics: each rank scores its own batch, all end with the same
+    head = _moslim_head().train()
+    hidden, targets, mask = _moslim_batch(rank)
+    head.reward(head(hidden), targets, mask)
+    grads["moslim"] = torch.stack([head.running_mean, head.running_var, head.num_samples])
     torch.save(grads, os.path.join(out_dir, f"rank{rank}.pt"))
     # Tear down in order: both ranks done, then the DDP reducer, then the process group.
     # (Letting the reducer die after destroy_process_group hung ~1 run in 10.)
@@ -281,6 +379,13 @@ def test_ddp_two_processes_gradients_agree():
                     process.kill()
                 pytest.fail("DDP workers did not finish in time")
         grads = [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(2)]
+    stats = [g.pop("moslim") for g in grads]
+    assert torch.equal(stats[0], stats[1])  # the replicas agree on the reward normalisation ...
+    head = _moslim_head().train()  # ... and it is the statistics of both ranks' scores
+    batches = [_moslim_batch(rank) for rank in range(2)]
+    head.reward(head(torch.cat([b[0] for b in batches])), torch.cat([b[1] for b in batches]),
+                torch.cat([b[2] for b in batches]))
+    torch.testing.assert_close(stats[0], torch.stack([head.running_mean, head.running_var, head.num_samples]))
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 6
     local = []
     for rank in range(2):

@@ -64,6 +64,38 @@ def test_forward_matches_reference(router):
     torch.testing.assert_close(y, ref, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("router", list(ROUTERS))
+def test_gradients_match_reference(router):
+    # every trainable input (experts, router incl. noise / bias, x) against autograd through
+    # the float64 reference fed the same routing graph
+    spec = dict(ROUTERS[router], init="random") if router == "hierarchical" else ROUTERS[router]
+    layer = _layer(spec).train()
+    if router == "fixed":
+        set_gates(layer, torch.rand(2, 4, dtype=torch.float64))
+    if router == "hierarchical":
+        set_preference(layer, torch.tensor([[0.3, 0.2, 0.4, 0.1], [1.0, 0.0, 0.0, 0.0]]))
+    x = torch.randn(2, 5, 13, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(2, 5, 7, dtype=torch.float64)
+    torch.manual_seed(1)  # the same noise for the noisy router
+    (layer(x) * w).sum().backward()
+    got = {n: p.grad.clone() for n, p in layer.named_parameters() if p.requires_grad}
+    got["x"] = x.grad.clone()
+    layer.zero_grad()
+    x.grad = None
+    torch.manual_seed(1)
+    route = layer.router(x)
+    ref = molora_linear_ref(x, layer.base_layer.weight, layer.base_layer.bias, layer.lora_A.weight,
+                            layer.lora_B.weight, route.expert_indices, route.expert_weights, layer.scaling)
+    (ref * w).sum().backward()
+    expected = {n: p.grad for n, p in layer.named_parameters() if p.requires_grad}
+    expected["x"] = x.grad
+    assert got.keys() == expected.keys()
+    if router != "fixed":
+        assert any(n.startswith("router.") for n in got)  # the router trains through the gates
+    for name in got:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-10, atol=1e-10, msg=name)
+
+
 def test_only_router_and_experts_get_gradients():
     layer = _layer(ROUTERS["topk_empty"], dtype=torch.float32).train()
     layer(torch.randn(3, 4, 13)).square().sum().backward()
@@ -151,6 +183,20 @@ def test_merge_unmerge(keep_original):
         _layer("dense").merge()
 
 
+def test_merge_with_top_k_fixed_router_merges_what_the_forward_computes():
+    # FixedGateRouter(k=2) computes only the 2 largest gates: the merge must drop the others too
+    layer = _layer({"type": "fixed", "k": 2}, dtype=torch.float64).eval()
+    gates = torch.tensor([0.5, -0.125, 0.25, 0.375], dtype=torch.float64)  # exact in fp32 (the buffer)
+    x = torch.randn(6, 13, dtype=torch.float64)
+    routed = layer(x, gates=gates)
+    layer.merge(gates)
+    torch.testing.assert_close(layer(x), routed, rtol=1e-12, atol=1e-12)
+    layer.unmerge()
+    layer.router.default_gates.copy_(gates)  # the router's own gates take the same path
+    layer.merge()
+    torch.testing.assert_close(layer(x), routed, rtol=1e-12, atol=1e-12)
+
+
 def test_per_sequence_gates_broadcast_and_override():
     layer = _layer("fixed").eval()
     x = torch.randn(3, 5, 13, dtype=torch.float64)
@@ -165,6 +211,8 @@ def test_per_sequence_gates_broadcast_and_override():
     torch.testing.assert_close(layer(x), layer(x, gates=torch.full((4,), 0.25, dtype=torch.float64)))
     one_hot = FixedGateRouter(13, 4, k=1)(x, gates=torch.eye(4)[[2, 0, 1]])
     assert one_hot.expert_indices.shape == (3, 5, 1) and one_hot.expert_indices[:, 0, 0].tolist() == [2, 0, 1]
+    tenants = torch.tensor([[0, 0, 1, 0], [1, 0, 0, 0], [0, 1, 0, 0]])  # integer one-hot gates work too
+    torch.testing.assert_close(layer(x, gates=tenants), layer(x, gates=tenants.double()))
 
 
 def test_routing_recorded_only_in_training_or_when_asked():

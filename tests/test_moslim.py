@@ -17,6 +17,9 @@ def test_segmented_softmax_equals_separate_heads():
     h = torch.randn(4, 7, 16, dtype=torch.float64)
     logits = head(h)
     assert logits.shape == (4, 7, sum(CLASSES))
+    # one GEMM for all heads: the only parameters are one [sum C, d] projection (+ bias)
+    assert [n for n, _ in head.named_parameters()] == ["proj.weight", "proj.bias"]
+    assert head.proj.weight.shape == (sum(CLASSES), 16)
     probs = head.probs(logits)
     assert probs.shape == (4, 7, 4, 5)
     for i, chunk in enumerate(_split(head, logits)):

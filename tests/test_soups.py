@@ -141,3 +141,12 @@ def test_merge_into_peft_folders(tmp_path):
     torch.testing.assert_close(model(x), ref(x), rtol=1e-5, atol=1e-5)
     merged.unmerge()
     assert torch.equal(model.q_proj.weight, base.q_proj.weight)
+
+
+@pytest.mark.parametrize("mode", ["average_ab", "delta_w"])
+def test_deltas_stay_on_the_adapters_device(mode):
+    # "meta" stands in for a GPU: the soup is computed where the adapters live, not on the CPU
+    adapters = [{k: v.to("meta") for k, v in _adapter(r).items()} for r in (2, 3)]
+    deltas = soup_deltas(adapters, [0.5, 0.5], mode, scaling=1.0)
+    assert {d.device.type for d in deltas.values()} == {"meta"}
+    assert deltas["q_proj"].shape == (D_OUT, D_IN)

@@ -126,22 +126,29 @@ def inject(model: nn.Module, config, *, make_layer: Optional[Callable] = None) -
     names = find_targets(model, config.target_modules, getattr(config, "exclude_modules", None))
     if not names:
         raise ValueError(f"inject: no nn.Linear module matches target_modules={config.target_modules!r}")
+    # layers injected before keep their flags (e.g. HoE's or imported adapters' frozen experts)
+    existing = [(param, param.requires_grad) for _, layer in molora_layers(model)
+                for pname, param in layer.named_parameters() if not pname.startswith("base_layer.")]
     if getattr(config, "freeze_base", True):
         flags = getattr(model, "_moelora_requires_grad", None)
         if flags is None:  # remember the first injection's flags, for uninject
             model._moelora_requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
         model.requires_grad_(False)
+    new_layers = []
     for name in names:
         base = model.get_submodule(name)
         layer = make_layer(base, name)
         if not isinstance(layer, MoLoRALinear):
             raise TypeError(f"make_layer must return a MoLoRALinear, got {type(layer).__name__}")
         _set_submodule(model, name, layer)
+        new_layers.append(layer)
     # trainable: the new layers' experts and routers (base_layer stays frozen)
-    for _, layer in molora_layers(model):
+    for layer in new_layers:
         for pname, param in layer.named_parameters():
             if not pname.startswith("base_layer."):
                 param.requires_grad_(True)
+    for param, flag in existing:
+        param.requires_grad_(flag)
     return model
 
 

@@ -232,9 +232,9 @@ class MoLoRALinear(nn.Module):
         return self.scaling * delta
 
     def _fixed_gates(self, gates) -> Tensor:
-        if gates is not None:
-            return torch.as_tensor(gates)
-        fixed = getattr(self.router, "gates", None)
+        fixed = gates
+        if fixed is None:
+            fixed = getattr(self.router, "gates", None)
         if fixed is None:
             fixed = getattr(self.router, "default_gates", None)
         if fixed is None:
@@ -245,6 +245,12 @@ class MoLoRALinear(nn.Module):
             fixed = fixed[0]
         if fixed.dim() != 1:
             raise ValueError("merge() needs one gate vector for the whole batch, got per-sequence gates")
+        k = getattr(self.router, "k", None) if self.router.accepts_gates else None
+        if k is not None and k < fixed.shape[-1]:
+            # a fixed router with k < E computes only the k largest gates (not renormalised):
+            # merge exactly what the forward computes
+            weights, ids = torch.topk(fixed, k)
+            fixed = torch.zeros_like(fixed).scatter(0, ids, weights)
         return fixed
 
     @torch.no_grad()

@@ -9,7 +9,8 @@ for objectives M at levels target_i:
 
     r = (1/|M|) sum_{i in M} (p_i[target_i] - mu_i) / sigma_i
 
-with mu_i, sigma_i running statistics of p_i[target_i] (buffers, updated in training mode).
+with mu_i, sigma_i running statistics of p_i[target_i] (buffers, updated in training mode;
+shared by the replicas under torch.distributed).
 """
 from __future__ import annotations
 
@@ -20,6 +21,11 @@ import torch.nn as nn
 from torch import Tensor
 
 __all__ = ["MultiObjectiveRewardHead", "MultiObjectiveRewardModel", "last_token_hidden"]
+
+
+def _distributed_world_size() -> int:
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def last_token_hidden(hidden_states: Tensor, attention_mask: Optional[Tensor] = None) -> Tensor:
@@ -42,6 +48,11 @@ class MultiObjectiveRewardHead(nn.Module):
         momentum: None (default): exact cumulative mean / variance over every score seen in
             training; a float: exponential moving averages with this momentum (like BatchNorm).
         eps: added to the variance before the square root.
+        sync_stats: under torch.distributed (world size > 1), merge every rank's scores into
+            the statistics (two all-reduces per update, like SyncBatchNorm), so the replicas
+            keep equal statistics and normalise rewards alike; every rank must then update
+            together. Off: each rank keeps its own (and DDP's buffer broadcast overwrites them
+            with rank 0's at the next forward).
         device, dtype: of the projection.
 
     Buffers: ``running_mean [N]``, ``running_var [N]`` (start 0 and 1: an untrained head's
@@ -49,7 +60,8 @@ class MultiObjectiveRewardHead(nn.Module):
     """
 
     def __init__(self, hidden_size: int, num_classes: Sequence[int], *, bias: bool = True,
-                 momentum: Optional[float] = None, eps: float = 1e-5, device=None, dtype=None):
+                 momentum: Optional[float] = None, eps: float = 1e-5, sync_stats: bool = True,
+                 device=None, dtype=None):
         super().__init__()
         num_classes = [int(c) for c in num_classes]
         if not num_classes or min(num_classes) < 1:
@@ -59,6 +71,7 @@ class MultiObjectiveRewardHead(nn.Module):
         self.num_objectives = len(num_classes)
         self.momentum = momentum
         self.eps = eps
+        self.sync_stats = bool(sync_stats)
         total, c_max = sum(num_classes), max(num_classes)
         self.proj = nn.Linear(hidden_size, total, bias=bias, device=device, dtype=dtype)
         # gather_index[i, c] = column of class c of objective i in the fused output; padding
@@ -117,13 +130,21 @@ class MultiObjectiveRewardHead(nn.Module):
     @torch.no_grad()
     def update_stats(self, scores: Tensor, mask: Tensor) -> None:
         """Merge the scores ``[..., N]`` where mask (the requested objectives) into the running
-        statistics (Chan et al.'s parallel mean / variance update; no host sync)."""
+        statistics (Chan et al.'s parallel mean / variance update; no host sync). With
+        ``sync_stats`` under torch.distributed, the batch is every rank's scores."""
         scores = scores.reshape(-1, self.num_objectives).float()
         mask = mask.reshape(-1, self.num_objectives).to(scores.dtype)
-        n_b = mask.sum(0)
+        sync = self.sync_stats and _distributed_world_size() > 1
+        counts_sums = torch.stack([mask.sum(0), (scores * mask).sum(0)])  # [2, N]
+        if sync:
+            torch.distributed.all_reduce(counts_sums)
+        n_b, sum_b = counts_sums
         has = n_b > 0
-        mean_b = (scores * mask).sum(0) / n_b.clamp(min=1)
-        var_b = (((scores - mean_b) ** 2) * mask).sum(0) / n_b.clamp(min=1)
+        mean_b = sum_b / n_b.clamp(min=1)
+        m2_b = (((scores - mean_b) ** 2) * mask).sum(0)
+        if sync:
+            torch.distributed.all_reduce(m2_b)
+        var_b = m2_b / n_b.clamp(min=1)
         if self.momentum is None:
             n_a = self.num_samples
             n = n_a + n_b

@@ -233,6 +233,8 @@ class FixedGateRouter(Router):
     def forward(self, x: Tensor, *, gates=None, preference=None) -> RouterOutput:
         g = gates if gates is not None else (self.gates if self.gates is not None else self.default_gates)
         g = torch.as_tensor(g, device=x.device)
+        if not g.is_floating_point():  # e.g. one-hot int / bool tenant gates
+            g = g.float()
         if g.shape[-1] != self.num_experts:
             raise ValueError(f"gates must have {self.num_experts} columns (one per expert), got {tuple(g.shape)}")
         g = broadcast_per_sequence(g, x.shape[:-1], "gates")

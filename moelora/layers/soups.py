@@ -65,14 +65,15 @@ def soup_deltas(adapters: Sequence, weights: Optional[Sequence[float]] = None, m
             continue
         r = max(m.A.shape[0] for _, m in present)
         d_out, d_in = present[0][1].B.shape[0], present[0][1].A.shape[1]
-        a_bar = torch.zeros(r, d_in, dtype=acc)
-        b_bar = torch.zeros(d_out, r, dtype=acc)
+        device = present[0][1].A.device  # (adapters may live on the GPU)
+        a_bar = torch.zeros(r, d_in, dtype=acc, device=device)
+        b_bar = torch.zeros(d_out, r, dtype=acc, device=device)
         scalings = {m.scaling for _, m in present}
         common = scalings.pop() if len(scalings) == 1 else None
         for wi, m in present:
             rank = m.A.shape[0]
-            a_bar[:rank] += wi * m.A.to(acc)
-            b_bar[:, :rank] += (wi if common is not None else wi * m.scaling) * m.B.to(acc)
+            a_bar[:rank] += wi * m.A.to(device, acc)
+            b_bar[:, :rank] += (wi if common is not None else wi * m.scaling) * m.B.to(device, acc)
         deltas[name] = (1.0 if common is None else common) * (b_bar @ a_bar)
     return deltas
 
