@@ -27,6 +27,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdlib>
 #include <tuple>
 
@@ -538,11 +539,12 @@ void launch_decode(const Tensor& x, const Tensor& weight, const std::optional<Te
     Acc* ybp = ybase.data_ptr<Acc>();
     int64_t T_ = T, din_ = d_in, dout_ = d_out, E_ = E, r_ = r, k_ = k;
     // Resident blocks per SM, per instantiation and device (queried once: it costs ~us).
-    static int per_sm_cache[64] = {};
-    int per_sm = device < 64 ? per_sm_cache[device] : 0;
+    // Atomic: several host threads may launch at once; they all store the same value.
+    static std::atomic<int> per_sm_cache[64] = {};
+    int per_sm = device < 64 ? per_sm_cache[device].load(std::memory_order_relaxed) : 0;
     if (per_sm == 0) {
       C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, 0));
-      if (device < 64) per_sm_cache[device] = per_sm;
+      if (device < 64) per_sm_cache[device].store(per_sm, std::memory_order_relaxed);
     }
     if (coop && per_sm > 0) {
       // Every block must be resident for the grid barrier: at most per_sm * sms blocks.
@@ -564,8 +566,9 @@ void launch_decode(const Tensor& x, const Tensor& weight, const std::optional<Te
   });
 }
 
-void check_inputs(const Tensor& x, const Tensor& weight, const Tensor& lora_a,
-                  const Tensor& lora_b, const Tensor& idx, const Tensor& gates) {
+void check_inputs(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
+                  const Tensor& lora_a, const Tensor& lora_b, const Tensor& idx,
+                  const Tensor& gates) {
   for (const Tensor* t : {&x, &weight, &lora_a, &lora_b, &idx, &gates}) {
     TORCH_CHECK(t->is_cuda(), "moelora.cuda ops take CUDA tensors, got ", t->device());
     TORCH_CHECK(t->device() == x.device(), "moelora.cuda: all tensors must be on ", x.device());
@@ -587,6 +590,11 @@ void check_inputs(const Tensor& x, const Tensor& weight, const Tensor& lora_a,
               "moelora: expert_weights must be float32 or float64 (the accumulate dtype)");
   TORCH_CHECK(x.scalar_type() == weight.scalar_type(), "moelora: weight must have x's dtype");
   TORCH_CHECK(lora_a.scalar_type() == lora_b.scalar_type(), "moelora: lora_a / lora_b dtypes differ");
+  if (bias.has_value()) {  // the decode kernel reads bias[0, d_out) as x's type on x's device
+    TORCH_CHECK(bias->device() == x.device(), "moelora.cuda: bias must be on ", x.device());
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == d_out, "moelora: bias must be [d_out]");
+    TORCH_CHECK(bias->scalar_type() == x.scalar_type(), "moelora: bias must have x's dtype");
+  }
 }
 
 Tensor as_double(const Tensor& t) { return t.to(at::kDouble).contiguous(); }
@@ -604,7 +612,7 @@ std::tuple<Tensor, Tensor> cuda_forward(const Tensor& x_in, const Tensor& weight
                                         const Tensor& lora_a_in, const Tensor& lora_b_in,
                                         const Tensor& expert_indices,
                                         const Tensor& expert_weights, double scaling) {
-  check_inputs(x_in, weight_in, lora_a_in, lora_b_in, expert_indices, expert_weights);
+  check_inputs(x_in, weight_in, bias_in, lora_a_in, lora_b_in, expert_indices, expert_weights);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const at::ScalarType acc = expert_weights.scalar_type();
   if (acc == at::kDouble && !all_double({&x_in, &lora_a_in})) {
@@ -643,7 +651,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> cuda_backward(
     const Tensor& grad_out_in, const Tensor& x_in, const Tensor& weight_in,
     const Tensor& lora_a_in, const Tensor& lora_b_in, const Tensor& expert_indices,
     const Tensor& expert_weights, const Tensor& h_in, double scaling, bool compute_grad_x) {
-  check_inputs(x_in, weight_in, lora_a_in, lora_b_in, expert_indices, expert_weights);
+  check_inputs(x_in, weight_in, std::nullopt, lora_a_in, lora_b_in, expert_indices, expert_weights);
+  // grad_out goes straight to launch_shrink (no ATen op to catch a host tensor when !compute_grad_x)
+  TORCH_CHECK(grad_out_in.device() == x_in.device() && h_in.device() == x_in.device(),
+              "moelora.cuda: grad_out and h must be on ", x_in.device());
   const c10::cuda::CUDAGuard guard(x_in.device());
   const at::ScalarType acc = expert_weights.scalar_type();
   if (acc == at::kDouble && !all_double({&x_in, &lora_a_in, &grad_out_in})) {
