@@ -13,6 +13,7 @@ their symmetry), which is also the frozen reference.
 
     python examples/moe_dpo_tiny.py                       # defaults: ~5 s on 2 CPU cores
     python examples/moe_dpo_tiny.py --objective mixture   # direct mixture likelihood
+    python examples/moe_dpo_tiny.py --experts-in lora     # K LoRA experts in the MLP instead
 """
 from __future__ import annotations
 
@@ -23,7 +24,9 @@ import time
 import torch
 import torch.nn as nn
 
-from moelora.moe_dpo import MoEDPOModel, SequenceGate
+from moelora.integrations import MoLoRAConfig, inject
+from moelora.layers import molora_layers
+from moelora.moe_dpo import MoEDPOModel, MoELoRADPOModel, SequenceGate
 
 PAD, DOMAIN_A, DOMAIN_B, SEP = 0, 1, 2, 3
 FIRST_CONTENT = 4
@@ -81,6 +84,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--vocab-size", type=int, default=96)
     parser.add_argument("--hidden-size", type=int, default=32)
     parser.add_argument("--experts", type=int, default=2)
+    parser.add_argument("--experts-in", choices=("heads", "lora"), default="heads",
+                        help="heads: K LM heads (MoEDPOModel); lora: K LoRA experts in the "
+                             "backbone's MLP, one shared head (MoELoRADPOModel)")
     parser.add_argument("--objective", choices=("em", "mixture"), default="em")
     parser.add_argument("--beta", type=float, default=0.5)
     parser.add_argument("--lr", type=float, default=0.05)
@@ -98,9 +104,18 @@ def main(argv=None) -> dict:
     # Mean pooling over the prompt: with this position-wise backbone only the domain token's own
     # hidden state knows the domain ("last" pooling would see the SEP token, the same for both).
     gate = SequenceGate(args.hidden_size, args.experts, pooling="mean")
-    model = MoEDPOModel.from_lm_head(backbone, lm_head, args.experts, gate, init_noise=0.1,
-                                     generator=gen, beta=args.beta, objective=args.objective,
-                                     backend=args.backend)
+    if args.experts_in == "lora":
+        inject(backbone, MoLoRAConfig(target_modules=["mlp.0", "mlp.2"], num_experts=args.experts,
+                                      r=4, lora_alpha=4, router={"type": "fixed", "k": 1}))
+        with torch.no_grad():  # fresh experts (B = 0) are identical: break their symmetry
+            for _, layer in molora_layers(backbone):
+                layer.lora_B.weight.normal_(std=0.01, generator=gen)
+        model = MoELoRADPOModel(backbone, lm_head, gate, beta=args.beta, objective=args.objective,
+                                backend=args.backend)
+    else:
+        model = MoEDPOModel.from_lm_head(backbone, lm_head, args.experts, gate, init_noise=0.1,
+                                         generator=gen, beta=args.beta, objective=args.objective,
+                                         backend=args.backend)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.lr)
     eval_batch = make_batch(512, args.vocab_size, prompt_len, response_len, gen)
     sep0, _, _ = gate_separation(model, eval_batch, eval_batch[2])
