@@ -6,6 +6,8 @@ or four launches of softmax, topk and the division.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -19,7 +21,7 @@ def _topk_route_kernel(
     weight_ptr,  # [T, k] fp32
     T, num_columns, k, empty_column,  # empty_column = E' - 1 with an empty expert, else -1
     RENORMALIZE: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows = (pid * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
@@ -36,21 +38,31 @@ def _topk_route_kernel(
     probs = e / tl.maximum(tl.sum(e, axis=1), 1e-30)[:, None]
     tl.store(probs_ptr + rows[:, None] * num_columns + cols[None, :], probs, mask=mask)
 
-    # Selection: k rounds of arg-max (lowest column wins a tie), taking each winner out.
-    remaining = tl.where(mask, probs, -1.0)
+    # Selection: k rounds of arg-max (lowest column wins a tie), taking each winner out. The k
+    # winners stay in registers ([BLOCK_T, BLOCK_K]): reading back our own global stores to
+    # renormalise would race between threads on a GPU (no barrier orders global memory).
+    # NaN ranks first, as in torch.topk, so a NaN row yields NaN gates and in-range ids.
+    remaining = tl.where(mask, tl.where(probs == probs, probs, 2.0), -1.0)
+    kcols = tl.arange(0, BLOCK_K)
+    top_w = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.float32)
+    top_i = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.int64)
     total = tl.zeros((BLOCK_T,), dtype=tl.float32)
     for j in range(0, k):
         best = tl.max(remaining, axis=1)
         best_col = tl.min(tl.where(remaining == best[:, None], cols[None, :], BLOCK_E), axis=1)
-        remaining = tl.where(cols[None, :] == best_col[:, None], -2.0, remaining)
-        total += best
+        picked = cols[None, :] == best_col[:, None]
+        remaining = tl.where(picked, -2.0, remaining)
+        best_p = tl.sum(tl.where(picked, probs, 0.0), axis=1)  # the prob itself (NaN stays NaN)
+        total += best_p
         expert = tl.where(best_col == empty_column, -1, best_col).to(tl.int64)
-        tl.store(index_ptr + rows * k + j, expert, mask=row_mask)
-        tl.store(weight_ptr + rows * k + j, best, mask=row_mask)
+        top_w = tl.where(kcols[None, :] == j, best_p[:, None], top_w)
+        top_i = tl.where(kcols[None, :] == j, expert[:, None], top_i)
     if RENORMALIZE:
-        for j in range(0, k):
-            w = tl.load(weight_ptr + rows * k + j, mask=row_mask, other=0.0)
-            tl.store(weight_ptr + rows * k + j, w / tl.maximum(total, 1e-30), mask=row_mask)
+        top_w = top_w / tl.maximum(total, 1e-30)[:, None]
+    out_offs = rows[:, None] * k + kcols[None, :]
+    out_mask = row_mask[:, None] & (kcols[None, :] < k)
+    tl.store(index_ptr + out_offs, top_i, mask=out_mask)
+    tl.store(weight_ptr + out_offs, top_w, mask=out_mask)
 
 
 def topk_route(logits: torch.Tensor, k: int, renormalize: bool, empty_expert: bool):
@@ -64,9 +76,12 @@ def topk_route(logits: torch.Tensor, k: int, renormalize: bool, empty_expert: bo
     weights = torch.empty(T, k, dtype=torch.float32, device=logits.device)
     block_e = triton.next_power_of_2(num_columns)
     block_t = max(1, min(64, 4096 // block_e))
-    _topk_route_kernel[(triton.cdiv(T, block_t),)](
-        logits, logits.stride(0), probs, indices, weights,
-        T, num_columns, k, num_columns - 1 if empty_expert else -1,
-        RENORMALIZE=renormalize, BLOCK_T=block_t, BLOCK_E=block_e,
-    )
+    # Triton launches on the current CUDA device, not the logits' device: guard it.
+    with torch.cuda.device(logits.device) if logits.is_cuda else contextlib.nullcontext():
+        _topk_route_kernel[(triton.cdiv(T, block_t),)](
+            logits, logits.stride(0), probs, indices, weights,
+            T, num_columns, k, num_columns - 1 if empty_expert else -1,
+            RENORMALIZE=renormalize, BLOCK_T=block_t, BLOCK_E=block_e,
+            BLOCK_K=triton.next_power_of_2(k),
+        )
     return probs, indices, weights

@@ -27,6 +27,8 @@ SHAPES = [
     (3, 8, 8, 5, 3, 2, "none"),  # every slot is the empty expert
     (65, 17, 33, 5, 3, 2, "skewed"),  # one expert spans several row blocks
     (129, 20, 70, 3, 17, 2, "topk"),  # r = 17: one past the 16-wide rank tile
+    (33, 17, 9, 1, 2, 1, "topk"),  # plain LoRA with some tokens on no adapter (k = 1 grouped path)
+    (5, 8, 8, 3, 2, 1, "none"),  # k = 1 and every slot the empty expert
 ]
 # (activation dtype, adapter dtype)
 DTYPES = [
@@ -131,9 +133,65 @@ def test_float64_agrees_tightly(backend):
     check_against_reference(backend, _problem(17, 33, 21, 5, 3, 2, "topk"), torch.float64, torch.float64)
 
 
+@pytest.mark.parametrize("k,routing", [(2, "topk"), (1, "tenant")])  # token-major / grouped expand
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_large_rank(backend):
-    check_against_reference(backend, _problem(5, 16, 20, 2, 256, 2, "topk"), torch.float32, torch.float32)
+def test_large_rank(backend, k, routing):
+    check_against_reference(backend, _problem(5, 16, 20, 2, 256, k, routing), torch.float32, torch.float32)
+
+
+@pytest.mark.parametrize("routing", ["topk", "duplicates"])
+@pytest.mark.parametrize("k", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_every_k_up_to_num_experts(backend, k, routing):
+    check_against_reference(backend, _problem(9, 10, 11, 5, 3, k, routing), torch.float32, torch.float32)
+
+
+@pytest.fixture
+def tensor_core_path(monkeypatch):
+    """Run the Triton kernels' 16-bit tl.dot branches (the GPU's path) under the interpreter too.
+
+    Under TRITON_INTERPRET=1 every dot is otherwise done on fp32 copies (the interpreter
+    multiplies bf16 as raw bits), so those branches would only ever run on a GPU. fp16 works.
+    """
+    if "triton" not in BACKENDS:
+        pytest.skip("no triton backend")
+    kernels = pytest.importorskip("moelora.kernels.molora")
+    monkeypatch.setattr(kernels, "_INTERPRETING", False)
+
+
+@pytest.mark.parametrize("shape", [(17, 33, 21, 5, 3, 2, "duplicates"), (65, 65, 63, 5, 17, 1, "tenant")],
+                         ids=_shape_id)
+def test_triton_fp16_tensor_core_path(tensor_core_path, shape):
+    check_against_reference("triton", _problem(*shape), torch.float16, torch.float16)
+
+
+@pytest.mark.parametrize("shape", [(17, 33, 21, 5, 3, 2, "topk"), (33, 20, 24, 4, 5, 1, "tenant")],
+                         ids=_shape_id)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fp32_activations_with_half_adapters_keep_fp32_math(backend, shape, monkeypatch):
+    """fp32 x with fp16 adapters: fp32 outputs and dx carry no 16-bit rounding of h or u.
+
+    The bound is the torch backend's error on the same (already rounded) inputs, not the loose
+    all-fp32 reference of check_against_reference, which includes the adapters' own rounding.
+    """
+    if backend == "triton":
+        pytest.importorskip("moelora.kernels.molora")
+        monkeypatch.setattr("moelora.kernels.molora._INTERPRETING", False)
+    p = _problem(*shape)
+    low = _cast(p, torch.float32, torch.float16)
+    exact = {n: (t.double() if t is not None and t.is_floating_point() else t) for n, t in low.items()}
+    grad_out = torch.randn(shape[0], shape[2], dtype=torch.float64, device=DEVICE)
+
+    def run(backend_name):
+        return lambda **kw: moelora.molora_linear(**kw, scaling=0.5, backend=backend_name)
+
+    out, grads = _run(run(backend), low, grad_out, DIFF_ARGS)
+    t_out, t_grads = _run(run("torch"), low, grad_out, DIFF_ARGS)
+    r_out, r_grads = _run(lambda **kw: molora_linear_ref(**kw, scaling=0.5), exact, grad_out, DIFF_ARGS)
+    pairs = [("output", out, t_out, r_out)] + [(n, grads[n], t_grads[n], r_grads[n]) for n in DIFF_ARGS]
+    for name, ours, theirs, ref in pairs:
+        err, limit = rel_error(ours, ref), bound(torch.float32, rel_error(theirs, ref))
+        assert err <= limit, f"{name}: rel error {err:.3g} > {limit:.3g}"
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -19,6 +19,7 @@ CASES = [  # (T, E', k)
     (65, 8, 8),  # k = E': dense mixture
     (3, 33, 4),  # E' past a power of two
     (64, 9, 1),  # PMoL: 8 experts + the empty one
+    (17, 6, 3),  # k not a power of two: the padded gate column must not be written
 ]
 
 
@@ -71,6 +72,34 @@ def test_leading_dims_and_zero_rows(backend):
     torch.testing.assert_close(w.sum(-1), torch.ones(2, 3, device=DEVICE))
     probs, idx, w = moelora.topk_route(torch.randn(0, 6, device=DEVICE), 2, backend=backend)
     assert probs.shape == (0, 6) and idx.shape == (0, 2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_logits(backend):
+    logits = torch.randn(7, 11, device=DEVICE).t()  # [11, 7], column-major
+    probs, idx, w = moelora.topk_route(logits, 3, empty_expert=True, backend=backend)
+    rprobs, ridx, rw = topk_route_ref(logits.double(), 3, True, True)
+    assert torch.equal(idx, ridx)
+    torch.testing.assert_close(probs, rprobs.float())
+    torch.testing.assert_close(w, rw.float())
+
+
+@pytest.mark.parametrize("empty_expert", [False, True])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_logits_give_nan_gates_and_valid_ids(backend, empty_expert):
+    """A diverging router must propagate NaN, not emit ids >= E' that molora_linear rejects
+    (or, on a GPU under torch.compile, where the range check is skipped, reads out of bounds)."""
+    E, k = 5, 3
+    logits = torch.randn(4, E, device=DEVICE)
+    logits[1, 2] = float("nan")
+    logits[2] = float("nan")
+    probs, idx, w = moelora.topk_route(logits, k, empty_expert=empty_expert, backend=backend)
+    top = E - 1 if empty_expert else E
+    assert ((idx >= -1) & (idx < top)).all(), idx
+    assert w[1:3].isnan().all() and not w[[0, 3]].isnan().any()
+    ref_probs, ref_idx, ref_w = topk_route_ref(logits[[0, 3]], k, True, empty_expert)
+    assert torch.equal(idx[[0, 3]], ref_idx)
+    torch.testing.assert_close(w[[0, 3]], ref_w)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
