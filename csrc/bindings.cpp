@@ -16,7 +16,7 @@
 #define MOELORA_BACKWARD_ARGS                                                            \
   "(Tensor grad_out, Tensor x, Tensor weight, Tensor lora_a, Tensor lora_b, "           \
   "Tensor expert_indices, Tensor expert_weights, Tensor h, float scaling, "             \
-  "bool compute_grad_x) -> (Tensor, Tensor, Tensor, Tensor)"
+  "bool compute_grad_x, bool compute_grad_adapters) -> (Tensor, Tensor, Tensor, Tensor)"
 
 TORCH_LIBRARY_FRAGMENT(moelora, m) {
   m.def("cpu_forward" MOELORA_FORWARD_ARGS);

@@ -6,9 +6,11 @@
 //           expert_weights [T, k] accumulate dtype, scaling)
 //     -> y [T, d_out] (x.dtype), h [T, k, r] (expert_weights.dtype; A_e x_t, 0 where e = -1)
 //   backward(grad_out [T, d_out], x, weight, lora_a, lora_b, expert_indices, expert_weights,
-//            h [T, k, r], scaling, compute_grad_x)
+//            h [T, k, r], scaling, compute_grad_x, compute_grad_adapters)
 //     -> grad_x [T, d_in] (x.dtype; shape [0] when !compute_grad_x), grad_lora_a (like lora_a),
-//        grad_lora_b (like lora_b), grad_expert_weights (like expert_weights)
+//        grad_lora_b (like lora_b) (both shape [0] when !compute_grad_adapters: frozen experts,
+//        e.g. HoE router training, skip the two weight-gradient passes over x and dy),
+//        grad_expert_weights (like expert_weights)
 // The accumulate dtype is float32, or float64 when x or the adapters are float64.
 #pragma once
 
@@ -30,7 +32,7 @@ std::tuple<Tensor, Tensor> cpu_forward(const Tensor& x, const Tensor& weight,
 std::tuple<Tensor, Tensor, Tensor, Tensor> cpu_backward(
     const Tensor& grad_out, const Tensor& x, const Tensor& weight, const Tensor& lora_a,
     const Tensor& lora_b, const Tensor& expert_indices, const Tensor& expert_weights,
-    const Tensor& h, double scaling, bool compute_grad_x);
+    const Tensor& h, double scaling, bool compute_grad_x, bool compute_grad_adapters);
 
 #ifdef MOELORA_WITH_CUDA
 // Same contract on CUDA tensors (csrc/cuda/molora_cuda.cu).
@@ -42,7 +44,7 @@ std::tuple<Tensor, Tensor> cuda_forward(const Tensor& x, const Tensor& weight,
 std::tuple<Tensor, Tensor, Tensor, Tensor> cuda_backward(
     const Tensor& grad_out, const Tensor& x, const Tensor& weight, const Tensor& lora_a,
     const Tensor& lora_b, const Tensor& expert_indices, const Tensor& expert_weights,
-    const Tensor& h, double scaling, bool compute_grad_x);
+    const Tensor& h, double scaling, bool compute_grad_x, bool compute_grad_adapters);
 #endif
 
 // Instruction set the CPU kernels use now ("avx512", "avx2" or "base"). The default is the best

@@ -382,14 +382,14 @@ def _forward(x, weight, bias, lora_a, lora_b, expert_indices, expert_weights, sc
 
 
 def backward(grad_out, x, weight, lora_a, lora_b, expert_indices, expert_weights, h, scaling,
-             compute_grad_x):
+             compute_grad_x, compute_grad_adapters):
     with _device_guard(x):
         return _backward(grad_out, x, weight, lora_a, lora_b, expert_indices, expert_weights, h,
-                         scaling, compute_grad_x)
+                         scaling, compute_grad_x, compute_grad_adapters)
 
 
 def _backward(grad_out, x, weight, lora_a, lora_b, expert_indices, expert_weights, h, scaling,
-              compute_grad_x):
+              compute_grad_x, compute_grad_adapters):
     T = x.shape[0]
     E, r, _ = lora_a.shape
     k = expert_indices.shape[1]
@@ -398,10 +398,13 @@ def _backward(grad_out, x, weight, lora_a, lora_b, expert_indices, expert_weight
     grad_gates = torch.zeros(T, k, dtype=torch.float32, device=x.device)
     _shrink(grad_out, lora_b, _b_as_shrink(lora_b), u, plan, k, h=h, grad_gate=grad_gates,
             scaling=scaling)
-    grad_b = torch.empty_like(lora_b)
-    grad_a = torch.empty_like(lora_a)
-    _wgrad(grad_out, h, expert_weights, plan, grad_b, _b_as_expand(grad_b), k, scaling)
-    _wgrad(x, u, expert_weights, plan, grad_a, _a_as_expand(grad_a), k, scaling)
+    if compute_grad_adapters:
+        grad_b = torch.empty_like(lora_b)
+        grad_a = torch.empty_like(lora_a)
+        _wgrad(grad_out, h, expert_weights, plan, grad_b, _b_as_expand(grad_b), k, scaling)
+        _wgrad(x, u, expert_weights, plan, grad_a, _a_as_expand(grad_a), k, scaling)
+    else:  # frozen experts (e.g. HoE router training): no pass over x and dy for them
+        grad_a, grad_b = lora_a.new_empty(0), lora_b.new_empty(0)
     if compute_grad_x:
         grad_x = torch.mm(grad_out, weight)
         _expand(grad_x, u, expert_weights, expert_indices, lora_a, _a_as_expand(lora_a), scaling,

@@ -74,13 +74,15 @@ def _fake_forward(x, weight, bias, lora_a, lora_b, expert_indices, expert_weight
 
 
 def _fake_backward(grad_out, x, weight, lora_a, lora_b, expert_indices, expert_weights, h,
-                   scaling, compute_grad_x):
-    grad_x = torch.empty_like(x, memory_format=torch.contiguous_format) if compute_grad_x else x.new_empty(0)
+                   scaling, compute_grad_x, compute_grad_adapters):
+    def grad_like(t, needed):
+        return torch.empty_like(t, memory_format=torch.contiguous_format) if needed else t.new_empty(0)
+
     return (
-        grad_x,
-        torch.empty_like(lora_a, memory_format=torch.contiguous_format),
-        torch.empty_like(lora_b, memory_format=torch.contiguous_format),
-        torch.empty_like(expert_weights, memory_format=torch.contiguous_format),
+        grad_like(x, compute_grad_x),
+        grad_like(lora_a, compute_grad_adapters),
+        grad_like(lora_b, compute_grad_adapters),
+        grad_like(expert_weights, True),
     )
 
 

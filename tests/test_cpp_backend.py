@@ -171,7 +171,7 @@ def test_cpu_deterministic():
     y2, h2 = torch.ops.moelora.cpu_forward(*args)
     assert torch.equal(y1, y2) and torch.equal(h1, h2)
     dy = torch.randn_like(y1)
-    bw = (dy, x, w, a, bb, ids, g, h1, 0.5, True)
+    bw = (dy, x, w, a, bb, ids, g, h1, 0.5, True, True)
     for t1, t2 in zip(torch.ops.moelora.cpu_backward(*bw), torch.ops.moelora.cpu_backward(*bw)):
         assert torch.equal(t1, t2)
 
@@ -203,9 +203,9 @@ def test_cpu_opcheck(dtype, bias):
     torch.library.opcheck(torch.ops.moelora.cpu_forward.default, (x, w, b, a, bb, ids, g, 0.5))
     _, h = torch.ops.moelora.cpu_forward(x, w, b, a, bb, ids, g, 0.5)
     dy = torch.randn(7, 12).to(dtype)
-    for need_x in (True, False):
+    for need_x, need_adapters in ((True, True), (False, True), (True, False)):
         torch.library.opcheck(torch.ops.moelora.cpu_backward.default,
-                              (dy, x, w, a, bb, ids, g, h, 0.5, need_x))
+                              (dy, x, w, a, bb, ids, g, h, 0.5, need_x, need_adapters))
 
 
 def test_cpu_rejects_bad_ids():
@@ -282,5 +282,6 @@ def test_cuda_opcheck():
         torch.library.opcheck(torch.ops.moelora.cuda_forward.default, (x, w, b, a, bb, ids, g, 0.5))
         _, h = torch.ops.moelora.cuda_forward(x, w, b, a, bb, ids, g, 0.5)
         dy = torch.randn(T, 12, device="cuda", dtype=torch.bfloat16)
-        torch.library.opcheck(torch.ops.moelora.cuda_backward.default,
-                              (dy, x, w, a, bb, ids, g, h, 0.5, True))
+        for need_x, need_adapters in ((True, True), (False, True), (True, False)):
+            torch.library.opcheck(torch.ops.moelora.cuda_backward.default,
+                                  (dy, x, w, a, bb, ids, g, h, 0.5, need_x, need_adapters))

@@ -5,6 +5,8 @@ stay small; they are chosen to be awkward: 0, 1, odd sizes, one past a block bou
 """
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -203,6 +205,27 @@ def test_trainable_base_weight_and_bias(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_frozen_adapters_skip_their_gradients(backend, monkeypatch):
+    # HoE router training: experts frozen, router (gates) and x train. The backward must not
+    # spend the two weight-gradient passes on A and B, and the other gradients stay exact.
+    from moelora.ops import backends
+
+    flags = []
+    real = backends.BACKENDS[backend]
+
+    def spy(*args):
+        flags.append(args[-1])  # compute_grad_adapters
+        out = real.backward(*args)
+        assert out[1].numel() == 0 and out[2].numel() == 0  # no adapter gradients computed
+        return out
+
+    monkeypatch.setitem(backends.BACKENDS, backend, dataclasses.replace(real, backward=spy))
+    check_against_reference(backend, _problem(17, 33, 21, 5, 3, 2, "topk"), torch.float32,
+                            torch.float32, grad_names=("x", "expert_weights"))
+    assert flags == [False]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_leading_dims_no_bias_and_int32_ids(backend):
     problem = _problem(12, 9, 7, 4, 2, 2, "topk", bias=False, lead=(3, 4))
     problem["expert_indices"] = problem["expert_indices"].to(torch.int32)
@@ -263,10 +286,10 @@ def test_opcheck_backward(backend):
     x, w, b, a, bb, idx, g, s, name = _op_args(backend)
     _, h = torch.ops.moelora.molora_linear_fwd(x, w, b, a, bb, idx, g, s, name)
     dy = torch.randn(x.shape[0], w.shape[0], device=DEVICE)
-    for compute_grad_x in (True, False):
+    for compute_grad_x, compute_grad_adapters in ((True, True), (False, True), (True, False)):
         torch.library.opcheck(
             torch.ops.moelora.molora_linear_bwd.default,
-            (dy, x, w, a, bb, idx, g, h, s, name, compute_grad_x),
+            (dy, x, w, a, bb, idx, g, h, s, name, compute_grad_x, compute_grad_adapters),
         )
 
 

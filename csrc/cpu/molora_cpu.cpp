@@ -289,7 +289,7 @@ std::tuple<Tensor, Tensor> cpu_forward(const Tensor& x, const Tensor& weight,
 std::tuple<Tensor, Tensor, Tensor, Tensor> cpu_backward(
     const Tensor& grad_out, const Tensor& x, const Tensor& weight, const Tensor& lora_a,
     const Tensor& lora_b, const Tensor& expert_indices, const Tensor& expert_weights,
-    const Tensor& h, double scaling, bool compute_grad_x) {
+    const Tensor& h, double scaling, bool compute_grad_x, bool compute_grad_adapters) {
   check_common(x, weight, lora_a, lora_b, expert_indices, expert_weights);
   const int64_t T = x.size(0), d_in = x.size(1), d_out = weight.size(0);
   const int64_t E = lora_a.size(0), r = lora_a.size(1), k = expert_indices.size(1);
@@ -316,10 +316,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> cpu_backward(
   const Tensor zh = hk * coef;  // s g h
   const Tensor zu = u * coef;   // s g u
 
-  const Tensor dBt = run_outer(kt, zh, dyk, rt, E, r, d_out, k, acc);  // [E, r, d_out]
-  const Tensor dA = run_outer(kt, zu, xk, rt, E, r, d_in, k, acc);     // [E, r, d_in]
-  Tensor grad_b = transpose_last2(dBt).to(lora_b.scalar_type());
-  Tensor grad_a = dA.to(lora_a.scalar_type()).contiguous();
+  Tensor grad_a = at::empty({0}, lora_a.options()), grad_b = at::empty({0}, lora_b.options());
+  if (compute_grad_adapters) {
+    const Tensor dBt = run_outer(kt, zh, dyk, rt, E, r, d_out, k, acc);  // [E, r, d_out]
+    const Tensor dA = run_outer(kt, zu, xk, rt, E, r, d_in, k, acc);     // [E, r, d_in]
+    grad_b = transpose_last2(dBt).to(lora_b.scalar_type());
+    grad_a = dA.to(lora_a.scalar_type()).contiguous();
+  }
 
   Tensor grad_x;
   if (compute_grad_x) {

@@ -650,7 +650,8 @@ std::tuple<Tensor, Tensor> cuda_forward(const Tensor& x_in, const Tensor& weight
 std::tuple<Tensor, Tensor, Tensor, Tensor> cuda_backward(
     const Tensor& grad_out_in, const Tensor& x_in, const Tensor& weight_in,
     const Tensor& lora_a_in, const Tensor& lora_b_in, const Tensor& expert_indices,
-    const Tensor& expert_weights, const Tensor& h_in, double scaling, bool compute_grad_x) {
+    const Tensor& expert_weights, const Tensor& h_in, double scaling, bool compute_grad_x,
+    bool compute_grad_adapters) {
   check_inputs(x_in, weight_in, std::nullopt, lora_a_in, lora_b_in, expert_indices, expert_weights);
   // grad_out goes straight to launch_shrink (no ATen op to catch a host tensor when !compute_grad_x)
   TORCH_CHECK(grad_out_in.device() == x_in.device() && h_in.device() == x_in.device(),
@@ -660,7 +661,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> cuda_backward(
   if (acc == at::kDouble && !all_double({&x_in, &lora_a_in, &grad_out_in})) {
     auto [gx, ga, gb, gg] = cuda_backward(
         as_double(grad_out_in), as_double(x_in), as_double(weight_in), as_double(lora_a_in),
-        as_double(lora_b_in), expert_indices, expert_weights, h_in, scaling, compute_grad_x);
+        as_double(lora_b_in), expert_indices, expert_weights, h_in, scaling, compute_grad_x,
+        compute_grad_adapters);
     return {compute_grad_x ? gx.to(x_in.scalar_type()) : at::empty({0}, x_in.options()),
             ga.to(lora_a_in.scalar_type()).contiguous(), gb.to(lora_b_in.scalar_type()).contiguous(), gg};
   }
@@ -675,7 +677,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> cuda_backward(
   TORCH_CHECK(h.dim() == 3 && h.size(0) == T && h.size(1) == k && h.size(2) == r, "moelora: h must be [T, k, r]");
 
   Tensor grad_x = compute_grad_x ? at::mm(dy, weight) : at::empty({0}, x.options());
-  if (T == 0) return {grad_x, at::zeros_like(A), at::zeros_like(B), at::zeros_like(g)};
+  const auto adapter_grad = [&](const Tensor& t) {
+    return compute_grad_adapters ? at::zeros_like(t) : at::empty({0}, t.options());
+  };
+  if (T == 0) return {grad_x, adapter_grad(A), adapter_grad(B), at::zeros_like(g)};
 
   const Routing rt = make_routing(idx, E);
   Tensor u = at::zeros({T, k, r}, g.options());  // B_e^T dy_t
@@ -684,10 +689,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> cuda_backward(
   const Tensor coef = (g * scaling).unsqueeze(-1);
   const Tensor zh = h * coef;
   const Tensor zu = u * coef;
-  Tensor grad_a = at::empty(A.sizes(), A.options());
-  Tensor grad_b = at::empty(B.sizes(), B.options());
-  launch_outer(zu, x, rt, grad_a, /*oE=*/r * d_in, /*oi=*/d_in, /*oc=*/1, E, r, d_in, k);
-  launch_outer(zh, dy, rt, grad_b, /*oE=*/d_out * r, /*oi=*/1, /*oc=*/r, E, r, d_out, k);
+  Tensor grad_a = at::empty({0}, A.options()), grad_b = at::empty({0}, B.options());
+  if (compute_grad_adapters) {
+    grad_a = at::empty(A.sizes(), A.options());
+    grad_b = at::empty(B.sizes(), B.options());
+    launch_outer(zu, x, rt, grad_a, /*oE=*/r * d_in, /*oi=*/d_in, /*oc=*/1, E, r, d_in, k);
+    launch_outer(zh, dy, rt, grad_b, /*oE=*/d_out * r, /*oi=*/1, /*oc=*/r, E, r, d_out, k);
+  }
   if (compute_grad_x) launch_expand(grad_x, A, /*sE=*/r * d_in, /*sc=*/1, /*si=*/d_in, zu, idx, E, r, k);
   return {grad_x, grad_a, grad_b, grad_g};
 }

@@ -14,9 +14,11 @@ Every backend implements the same two functions on already-validated, canonical 
         -> y [T, d_out] (x.dtype), h [T, k, r] accumulate dtype (A_e x_t; 0 where e = -1)
 
     backward(grad_out, x, weight, lora_a, lora_b, expert_indices, expert_weights, h, scaling,
-             compute_grad_x)
+             compute_grad_x, compute_grad_adapters)
         -> grad_x [T, d_in] (x.dtype; shape [0] when not compute_grad_x),
-           grad_lora_a (lora_a.dtype), grad_lora_b (lora_b.dtype), grad_expert_weights [T, k] (expert_weights.dtype)
+           grad_lora_a (lora_a.dtype), grad_lora_b (lora_b.dtype) (both shape [0] when not
+           compute_grad_adapters: frozen experts skip the weight-gradient passes),
+           grad_expert_weights [T, k] (expert_weights.dtype)
 """
 from __future__ import annotations
 
@@ -87,7 +89,8 @@ def _torch_forward(x, weight, bias, lora_a, lora_b, idx, gates, scaling):
     return y, h
 
 
-def _torch_backward(grad_out, x, weight, lora_a, lora_b, idx, gates, h, scaling, compute_grad_x):
+def _torch_backward(grad_out, x, weight, lora_a, lora_b, idx, gates, h, scaling, compute_grad_x,
+                    compute_grad_adapters):
     T = x.shape[0]
     E, r, d_in = lora_a.shape
     d_out = lora_b.shape[1]
@@ -98,22 +101,20 @@ def _torch_backward(grad_out, x, weight, lora_a, lora_b, idx, gates, h, scaling,
     u = _expert_to_slot(u_all, idx)
     grad_gates = scaling * (u * h).sum(-1)
     coef = (scaling * gates).unsqueeze(-1)
-    hz = _slot_to_expert(h * coef, idx, E).reshape(T, E * r)  # s g h, by expert column
     uz = _slot_to_expert(u * coef, idx, E).reshape(T, E * r)  # s g u, by expert column
-    grad_b = (hz.t() @ grad_out.to(acc)).view(E, r, d_out).transpose(1, 2)
-    grad_a = (uz.t() @ x.to(acc)).view(E, r, d_in)
+    if compute_grad_adapters:
+        hz = _slot_to_expert(h * coef, idx, E).reshape(T, E * r)  # s g h, by expert column
+        grad_b = (hz.t() @ grad_out.to(acc)).view(E, r, d_out).transpose(1, 2).to(lora_b.dtype).contiguous()
+        grad_a = (uz.t() @ x.to(acc)).view(E, r, d_in).to(lora_a.dtype).contiguous()
+    else:
+        grad_a, grad_b = lora_a.new_empty(0), lora_b.new_empty(0)
     if compute_grad_x:
         cd_a = _compute_dtype(x.dtype, lora_a.dtype)
         lora_dx = uz.to(cd_a) @ lora_a.reshape(E * r, d_in).to(cd_a)
         grad_x = (torch.mm(grad_out, weight).to(acc) + lora_dx.to(acc)).to(x.dtype)
     else:
         grad_x = x.new_empty(0)
-    return (
-        grad_x,
-        grad_a.to(lora_a.dtype).contiguous(),
-        grad_b.to(lora_b.dtype).contiguous(),
-        grad_gates,
-    )
+    return grad_x, grad_a, grad_b, grad_gates
 
 
 # --------------------------------------------------------------------------------------------

@@ -159,21 +159,22 @@ def _molora_linear_bwd(
     scaling: float,
     backend: str,
     compute_grad_x: bool,
+    compute_grad_adapters: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # grad_x, grad_lora_a, grad_lora_b, grad_weights
+    # grad_x is [0] when not compute_grad_x, grad_lora_a / grad_lora_b when not compute_grad_adapters
     return BACKENDS[backend].backward(
         grad_out, x, weight, lora_a, lora_b, expert_indices, expert_weights, h, scaling,
-        compute_grad_x,
+        compute_grad_x, compute_grad_adapters,
     )
 
 
 @_molora_linear_bwd.register_fake
 def _(grad_out, x, weight, lora_a, lora_b, expert_indices, expert_weights, h, scaling, backend,
-      compute_grad_x):
-    grad_x = torch.empty_like(x) if compute_grad_x else x.new_empty(0)
+      compute_grad_x, compute_grad_adapters):
     return (
-        grad_x,
-        torch.empty_like(lora_a),
-        torch.empty_like(lora_b),
+        torch.empty_like(x) if compute_grad_x else x.new_empty(0),
+        torch.empty_like(lora_a) if compute_grad_adapters else lora_a.new_empty(0),
+        torch.empty_like(lora_b) if compute_grad_adapters else lora_b.new_empty(0),
         torch.empty_like(expert_weights),
     )
 
@@ -193,7 +194,7 @@ def _backward(ctx, grad_y, _grad_h):
     grad_y = grad_y.contiguous()
     grad_x, grad_a, grad_b, grad_g = torch.ops.moelora.molora_linear_bwd(
         grad_y, x, weight, lora_a, lora_b, expert_indices, expert_weights, h, ctx.scaling,
-        ctx.backend, needs[0],
+        ctx.backend, needs[0], needs[3] or needs[4],
     )
     # The base weight is frozen in the common case; when it trains, its gradients are plain
     # cuBLAS work that gains nothing from fusion.
