@@ -101,3 +101,16 @@ def test_reward_model_wrapper():
     assert out.shape == (2, 5)
     with pytest.raises(ValueError):
         MultiObjectiveRewardHead(8, [])
+
+
+def test_out_of_range_levels_are_named():
+    head = MultiObjectiveRewardHead(8, [3, 5])
+    logits = head(torch.randn(2, 8))
+    # level 3 of objective 0 is a padding class of the fused [N, C_max] layout: an infinite
+    # loss if it went through; level 5 would index past C_max
+    for bad in ([[3, 0], [0, 0]], [[0, 5], [0, 0]], [[0, 0], [-2, 0]]):
+        with pytest.raises(ValueError, match="out of range for objective"):
+            head.loss(logits, torch.tensor(bad))
+        with pytest.raises(ValueError, match="out of range for objective"):
+            head.reward(logits, torch.tensor(bad))
+    assert torch.isfinite(head.loss(logits, torch.tensor([[2, 4], [-1, 0]])))

@@ -115,12 +115,30 @@ class MultiObjectiveRewardHead(nn.Module):
         """Segmented softmax: ``[..., N, C_max]``, 0 at padding classes."""
         return torch.softmax(self.segment_logits(logits), dim=-1)
 
+    def _check_levels(self, name: str, levels: Tensor) -> None:
+        """Levels must lie in [-1, C_i) per objective: a level in [C_i, C_max) would read a
+        padding class (log-prob -inf, an infinite loss), one past C_max out of bounds. Checked
+        on CPU; on GPU asynchronously (a host sync would stall the stream), unless tracing."""
+        if levels.numel() == 0 or torch.compiler.is_compiling():
+            return
+        limit = self.gather_index.new_tensor(self.num_classes).to(levels.device)
+        ok = (levels >= -1) & (levels < limit)
+        if levels.device.type == "cpu":
+            if not bool(ok.all()):
+                pos = tuple((~ok).nonzero()[0].tolist())
+                raise ValueError(
+                    f"{name}{list(pos)} = {int(levels[pos])} is out of range for objective {pos[-1]}: "
+                    f"expected -1 (none) or a level in [0, {self.num_classes[pos[-1]]})")
+        else:
+            torch._assert_async(ok.all(), f"moelora: {name} out of range [-1, C_i)")
+
     def loss(self, logits: Tensor, labels: Tensor) -> Tensor:
         """Masked cross-entropy: ``labels [..., N]`` class per objective, -1 where the sample has
         no label for that objective. Mean over the labelled (sample, objective) pairs."""
         if labels.shape != (*logits.shape[:-1], self.num_objectives):
             raise ValueError(f"labels must be {tuple(logits.shape[:-1]) + (self.num_objectives,)}, "
                              f"got {tuple(labels.shape)}")
+        self._check_levels("labels", labels)
         logp = self.log_probs(logits)  # [..., N, C_max]
         labelled = labels >= 0
         picked = logp.gather(-1, labels.clamp(min=0).long().unsqueeze(-1)).squeeze(-1)  # [..., N]
@@ -169,6 +187,7 @@ class MultiObjectiveRewardHead(nn.Module):
         batch's scores; the reward is normalised with the updated statistics. A prompt with no
         objective gets reward 0.
         """
+        self._check_levels("targets", targets)
         if objective_mask is None:
             objective_mask = targets >= 0
         probs = self.probs(logits)  # [..., N, C_max]
