@@ -7,7 +7,8 @@
     python -m benchmarks --quick --out /tmp/b     tiny shapes: a smoke test
 
 Progress goes to stderr, the markdown table to stdout, files to --out (see report.py).
-Exit status 1 when a contestant was WRONG or raised an error.
+Exit status 1 when a contestant was WRONG or raised an error; 130 when SIGINT cut the run short
+(the files are still written, with the cases that finished).
 """
 from __future__ import annotations
 
@@ -114,11 +115,16 @@ def main(argv: list[str] | None = None) -> int:
         log("triton is not benchmarked on CPU (interpreter only); ask with --backends triton,cpu,torch")
     load_before = report.load_average()
     rows = harness.run_suite(cases, dtypes, settings, log)
+    interrupted = getattr(rows, "interrupted", False)
     command = shlex.join(["python", "-m", "benchmarks", *(sys.argv[1:] if argv is None else argv)])
     rec = report.record(rows, cases, settings, command, (load_before, report.load_average()))
+    rec["interrupted"] = interrupted
     print(report.markdown_table(rec["rows"]))
     written, no_plot = report.write(rec, args.out or report.RESULTS_DIR)
     if no_plot:
         log(no_plot)
     log(f"done in {time.perf_counter() - start:.0f} s; wrote {', '.join(str(p) for p in written)}")
+    if interrupted:
+        log("the run was interrupted: the record holds the cases that finished")
+        return 130
     return 1 if any(r.status in ("WRONG", "error") for r in rows) else 0

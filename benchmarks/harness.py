@@ -80,6 +80,7 @@ class Row:
     cuda_graph: bool = False
     input_sets: int = 1
     pass_medians_ms: list | None = None  # each pass's median, when the suite ran several
+    back_to_back_ms: float | None = None  # GPU: per call, issued back to back (launch overhead in)
 
     @property
     def value(self) -> float | None:
@@ -200,8 +201,17 @@ def _cuda_graph(call: Callable) -> Callable:
             call()
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = call()
+    current = torch.cuda.current_stream()
+    try:
+        with torch.cuda.graph(graph):
+            out = call()
+    except BaseException:
+        # torch.cuda.graph.__exit__ skips restoring the stream when capture_end raises (a sync
+        # or an uncapturable launch inside): without this, every later timing of the run would
+        # run on the dead capture's side stream.
+        torch.cuda.set_stream(current)
+        torch.cuda.synchronize()
+        raise
 
     def replay():
         graph.replay()
@@ -232,6 +242,31 @@ def measure_time(call: Callable, settings: Settings) -> tuple[float, float]:
     timer = benchmark.Timer("call()", globals={"call": call}, num_threads=torch.get_num_threads())
     m = timer.blocked_autorange(min_run_time=settings.min_run_time)
     return m.median * 1e3, m.iqr * 1e3
+
+
+def measure_back_to_back(call: Callable, settings: Settings) -> float | None:
+    """GPU: milliseconds per call of calls issued back to back (CUDA events around the loop, no
+    L2 flush in between). do_bench's flush before every call gives the host a head start, so its
+    median is device time alone and hides the launch overhead of eager calls (Python, several
+    launches), which is what small T costs outside a CUDA graph; this number includes it.
+    None on CPU, where blocked_autorange already times the host."""
+    if settings.device.type != "cuda":
+        return None
+    call()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(3):
+        call()
+    torch.cuda.synchronize()
+    per_call = (time.perf_counter() - t0) / 3
+    n = max(3, min(2000, int(settings.rep_ms / 2e3 / max(per_call, 1e-6))))
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(n):
+        call()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / n
 
 
 def measure_peak_bytes(call: Callable, device: torch.device) -> int:
@@ -347,11 +382,12 @@ def run_contestant(
                 calls = [call_for(mode, case, p, inp) for p, inp in zip(prepared, sets)]
                 calls, graphed, eager_note = _maybe_graphed(case, contestant, mode, calls, settings)
                 median, iqr = measure_time(_rotate(calls), settings)
+                b2b = measure_back_to_back(_rotate(calls), settings)
                 rows.append(row(
                     mode, "ok", reason=note or eager_note, median_ms=median, iqr_ms=iqr,
-                    cuda_graph=graphed, input_sets=len(calls), **checked,
+                    cuda_graph=graphed, input_sets=len(calls), back_to_back_ms=b2b, **checked,
                 ))
-                shown = f"{median:.3f} ms"
+                shown = f"{median:.3f} ms" + (f" (back to back {b2b:.3f} ms)" if b2b is not None else "")
         except Skip as s:
             rows.append(row(mode, s.status, reason=s.reason))
             continue
@@ -411,15 +447,30 @@ def run_suite(
     extra_contestants: op name -> contestants added to each case of that op (tests use it)."""
     log = log or stderr_log(time.perf_counter())
     passes = []
-    for n in range(settings.passes):
-        rows = []
-        for i, case in enumerate(cases, 1):
-            for dtype in dtypes or [case.dtype or default_dtype(settings.device)]:
-                where = f"pass {n + 1}/{settings.passes} " if settings.passes > 1 else ""
-                log(f"{where}({i}/{len(cases)}) {case.name} [{dtype_name(dtype)}] {case.describe()}")
-                rows += run_case(case, dtype, settings, log, (extra_contestants or {}).get(case.op, []))
-        passes.append(rows)
-    return merge_passes(passes)
+    try:
+        for n in range(settings.passes):
+            rows = []
+            passes.append(rows)  # kept, as far as it got, if the run is interrupted
+            for i, case in enumerate(cases, 1):
+                for dtype in dtypes or [case.dtype or default_dtype(settings.device)]:
+                    where = f"pass {n + 1}/{settings.passes} " if settings.passes > 1 else ""
+                    log(f"{where}({i}/{len(cases)}) {case.name} [{dtype_name(dtype)}] {case.describe()}")
+                    rows += run_case(case, dtype, settings, log, (extra_contestants or {}).get(case.op, []))
+    except KeyboardInterrupt:
+        # SIGINT (e.g. `timeout -s INT` on a time-limited GPU machine): keep every case that
+        # finished, so the record of a run cut short is still written.
+        log("interrupted: recording the cases that finished")
+        merged = SuiteRows(merge_passes([p for p in passes if p]))
+        merged.interrupted = True
+        return merged
+    return SuiteRows(merge_passes(passes))
+
+
+class SuiteRows(list):
+    """run_suite's rows; `interrupted` when SIGINT cut the run short (the rows of the cases
+    that finished, the last pass possibly partial)."""
+
+    interrupted = False
 
 
 def merge_passes(passes: list[list[Row]]) -> list[Row]:
@@ -449,6 +500,8 @@ def merge_passes(passes: list[list[Row]]) -> list[Row]:
             m.pass_medians_ms = [r.median_ms for r in rs]
             m.median_ms = statistics.median(m.pass_medians_ms)
             m.iqr_ms = statistics.median(r.iqr_ms for r in rs)
+            b2b = [r.back_to_back_ms for r in rs if r.back_to_back_ms is not None]
+            m.back_to_back_ms = statistics.median(b2b) if b2b else None
         else:
             m.peak_mib = max(r.peak_mib for r in rs)
         for name in ("ratio_over_base", "speedup_over_naive"):

@@ -46,6 +46,30 @@ def _git(*args: str) -> str | None:
     return done.stdout.strip() if done.returncode == 0 else None
 
 
+def _commit() -> tuple[str | None, bool | None]:
+    """(commit, dirty) of the checkout. The GPU machine gets a copy of the working tree without
+    .git: there MOELORA_GIT_COMMIT (and MOELORA_GIT_DIRTY=0/1), set by the caller, stand in."""
+    commit = _git("rev-parse", "HEAD")
+    if commit is not None:
+        status = _git("status", "--porcelain")
+        return commit, None if status is None else bool(status)
+    dirty = os.environ.get("MOELORA_GIT_DIRTY")
+    return os.environ.get("MOELORA_GIT_COMMIT") or None, None if dirty is None else dirty == "1"
+
+
+def device_details(device: torch.device) -> dict:
+    """What a GPU timing depends on beyond its name: capability, SMs, L2, memory."""
+    if device.type != "cuda":
+        return {}
+    props = torch.cuda.get_device_properties(device)
+    return {
+        "capability": f"{props.major}.{props.minor}",
+        "multiprocessors": props.multi_processor_count,
+        "l2_cache_mib": round(props.L2_cache_size / 2**20, 1),
+        "memory_gib": round(props.total_memory / 2**30, 1),
+    }
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -77,7 +101,7 @@ def record(
     """The JSON record of a run: environment, settings, cases with their floors, rows.
     load: the load average before the run (other work) and after it (this run's threads too)."""
     device = settings.device
-    status = _git("status", "--porcelain")
+    commit, dirty = _commit()
     dtypes_of = defaultdict(list)
     for r in rows:
         if r.dtype not in dtypes_of[r.case]:
@@ -86,7 +110,8 @@ def record(
         "schema": 1,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "command": command,
-        "device": {"type": device.type, "name": device_name(device), "slug": device_slug(device)},
+        "device": {"type": device.type, "name": device_name(device), "slug": device_slug(device),
+                   **device_details(device)},
         "versions": {
             "python": platform.python_version(),
             "torch": torch.__version__,
@@ -95,7 +120,7 @@ def record(
             "moelora": moelora.__version__,
             "peft": _version("peft"),
         },
-        "git": {"commit": _git("rev-parse", "HEAD"), "dirty": None if status is None else bool(status)},
+        "git": {"commit": commit, "dirty": dirty},
         "threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
         "load_average": {"before": load[0], "after": load[1]},
@@ -158,6 +183,9 @@ def markdown_table(rows: list[dict]) -> str:
             value = f"{r['peak_mib']:.1f} MiB"
         elif r["median_ms"] is not None:
             value = f"{r['median_ms']:.3f} ms{_spread(r)}"
+            if r.get("back_to_back_ms") is not None and not r["cuda_graph"]:
+                # eager GPU call: device time alone, then per call issued back to back
+                value += f" (b2b {r['back_to_back_ms']:.3f})"
         status = r["status"] + (f" ({r['reason']})" if r["reason"] else "")
         if r["cuda_graph"]:
             status += " [CUDA graph]"
@@ -183,9 +211,14 @@ def render_markdown(rec: dict, image: str | None, level: int = 1) -> str:
         "Ratios divide by the floor (the base linear `F.linear(x, W, b)`, or the K head GEMMs) "
         "measured in the same run on the same inputs; every contestant was checked against "
         "the float64 reference before it was timed. `±`: half the interquartile range or half "
-        "the range between passes, whichever is larger; smaller differences are noise.",
+        "the range between passes, whichever is larger; smaller differences are noise."
+        + (" `b2b` (GPU, eager calls): ms per call issued back to back, launch overhead "
+           "included; the median itself is device time (L2 flushed before each call)."
+           if rec["device"]["type"] == "cuda" else ""),
         "",
     ]
+    if rec.get("interrupted"):
+        parts += ["**Interrupted**: the run was cut short; only the cases that finished are here.", ""]
     load = rec["load_average"]["before"]
     if load is not None and load > 0.5 * (rec["cpu_count"] or 1):
         parts += [

@@ -320,17 +320,38 @@ def test_torch_compile_inductor():
 
 
 @pytest.mark.gpu
-def test_cuda_graph_capture():
-    p = _cast(_problem(16, 64, 64, 8, 16, 2, "topk"), torch.bfloat16, torch.bfloat16)
-    static_out = moelora.molora_linear(**p)  # warm-up: compile kernels outside the capture
+@pytest.mark.parametrize("T", [16, 100])  # cuda backend: one-launch decode path, grouped path
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cuda_graph_capture(backend, T):
+    """Every GPU backend replays from a CUDA graph (no host sync, no allocation outside the
+    graph's pool), and reads the routing on the device at replay: new x, ids and gates written
+    into the static inputs give the eager result on them."""
+    p = _cast(_problem(T, 64, 64, 8, 16, 2, "topk"), torch.bfloat16, torch.bfloat16)
+
+    def run():
+        return moelora.molora_linear(**p, backend=backend)
+
+    side = torch.cuda.Stream()  # warm-up off the capture stream: JIT, module loads, workspaces
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            run()
+    torch.cuda.current_stream().wait_stream(side)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_out = moelora.molora_linear(**p)
+    current = torch.cuda.current_stream()
+    try:
+        with torch.cuda.graph(graph):
+            static_out = run()
+    finally:  # a failed capture_end leaves the capture stream current for the next tests
+        torch.cuda.set_stream(current)
+    ids, gates = make_routing("topk", T, 8, 2, DEVICE)
     p["x"].copy_(torch.randn_like(p["x"]))
+    p["expert_indices"].copy_(ids)
+    p["expert_weights"].copy_(gates)
     graph.replay()
     torch.cuda.synchronize()
-    torch.testing.assert_close(static_out, moelora.molora_linear(**p))
+    torch.testing.assert_close(static_out, run())
 
 
 @pytest.mark.gpu
