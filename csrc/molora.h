@@ -15,6 +15,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
 
 #include <optional>
 #include <string>
@@ -23,6 +24,34 @@
 namespace moelora {
 
 using at::Tensor;
+
+// Shapes and dtypes of the contract above, shared by both backends (each checks devices itself).
+// The Python layer validates first with friendlier messages; this guards direct op calls.
+inline void check_contract(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
+                           const Tensor& lora_a, const Tensor& lora_b, const Tensor& idx,
+                           const Tensor& gates) {
+  TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && lora_a.dim() == 3 && lora_b.dim() == 3 &&
+                  idx.dim() == 2 && gates.dim() == 2,
+              "moelora: expected x [T, d_in], weight [d_out, d_in], lora_a [E, r, d_in], "
+              "lora_b [E, d_out, r], expert_indices / expert_weights [T, k]");
+  const int64_t T = x.size(0), d_in = x.size(1), d_out = weight.size(0);
+  const int64_t E = lora_a.size(0), r = lora_a.size(1);
+  TORCH_CHECK(weight.size(1) == d_in && lora_a.size(2) == d_in, "moelora: d_in mismatch");
+  TORCH_CHECK(lora_b.size(0) == E && lora_b.size(1) == d_out && lora_b.size(2) == r,
+              "moelora: lora_b must be [E, d_out, r]");
+  TORCH_CHECK(E >= 1 && r >= 1, "moelora: need E >= 1 and r >= 1");
+  TORCH_CHECK(idx.size(0) == T && gates.sizes() == idx.sizes(),
+              "moelora: expert_indices and expert_weights must both be [T, k]");
+  TORCH_CHECK(idx.scalar_type() == at::kLong, "moelora: expert_indices must be int64");
+  TORCH_CHECK(gates.scalar_type() == at::kFloat || gates.scalar_type() == at::kDouble,
+              "moelora: expert_weights must be float32 or float64 (the accumulate dtype)");
+  TORCH_CHECK(x.scalar_type() == weight.scalar_type(), "moelora: weight must have x's dtype");
+  TORCH_CHECK(lora_a.scalar_type() == lora_b.scalar_type(), "moelora: lora_a / lora_b dtypes differ");
+  if (bias.has_value()) {  // CUDA's decode kernel reads bias[0, d_out) as x's type
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == d_out, "moelora: bias must be [d_out]");
+    TORCH_CHECK(bias->scalar_type() == x.scalar_type(), "moelora: bias must have x's dtype");
+  }
+}
 
 std::tuple<Tensor, Tensor> cpu_forward(const Tensor& x, const Tensor& weight,
                                        const std::optional<Tensor>& bias, const Tensor& lora_a,

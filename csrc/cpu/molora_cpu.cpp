@@ -223,26 +223,12 @@ Tensor run_outer(const cpu::KernelTable& kt, const Tensor& Z, const Tensor& X, c
   return G;
 }
 
-void check_common(const Tensor& x, const Tensor& weight, const Tensor& lora_a,
-                  const Tensor& lora_b, const Tensor& idx, const Tensor& gates) {
+void check_cpu(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
+               const Tensor& lora_a, const Tensor& lora_b, const Tensor& idx, const Tensor& gates) {
   for (const Tensor* t : {&x, &weight, &lora_a, &lora_b, &idx, &gates})
     TORCH_CHECK(t->device().is_cpu(), "moelora.cpu ops take CPU tensors, got ", t->device());
-  TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && lora_a.dim() == 3 && lora_b.dim() == 3 &&
-                  idx.dim() == 2 && gates.dim() == 2,
-              "moelora: expected x [T, d_in], weight [d_out, d_in], lora_a [E, r, d_in], "
-              "lora_b [E, d_out, r], expert_indices / expert_weights [T, k]");
-  const int64_t T = x.size(0), d_in = x.size(1), d_out = weight.size(0);
-  const int64_t E = lora_a.size(0), r = lora_a.size(1);
-  TORCH_CHECK(weight.size(1) == d_in && lora_a.size(2) == d_in, "moelora: d_in mismatch");
-  TORCH_CHECK(lora_b.size(0) == E && lora_b.size(1) == d_out && lora_b.size(2) == r,
-              "moelora: lora_b must be [E, d_out, r]");
-  TORCH_CHECK(idx.size(0) == T && gates.sizes() == idx.sizes(),
-              "moelora: expert_indices and expert_weights must both be [T, k]");
-  TORCH_CHECK(idx.scalar_type() == at::kLong, "moelora: expert_indices must be int64");
-  TORCH_CHECK(gates.scalar_type() == at::kFloat || gates.scalar_type() == at::kDouble,
-              "moelora: expert_weights must be float32 or float64 (the accumulate dtype)");
-  TORCH_CHECK(x.scalar_type() == weight.scalar_type(), "moelora: weight must have x's dtype");
-  TORCH_CHECK(lora_a.scalar_type() == lora_b.scalar_type(), "moelora: lora_a / lora_b dtypes differ");
+  TORCH_CHECK(!bias.has_value() || bias->device().is_cpu(), "moelora.cpu: bias must be on the CPU");
+  check_contract(x, weight, bias, lora_a, lora_b, idx, gates);
 }
 
 }  // namespace
@@ -261,7 +247,7 @@ std::tuple<Tensor, Tensor> cpu_forward(const Tensor& x, const Tensor& weight,
                                        const std::optional<Tensor>& bias, const Tensor& lora_a,
                                        const Tensor& lora_b, const Tensor& expert_indices,
                                        const Tensor& expert_weights, double scaling) {
-  check_common(x, weight, lora_a, lora_b, expert_indices, expert_weights);
+  check_cpu(x, weight, bias, lora_a, lora_b, expert_indices, expert_weights);
   const int64_t T = x.size(0), E = lora_a.size(0), r = lora_a.size(1);
   const int64_t k = expert_indices.size(1);
   const at::ScalarType acc = expert_weights.scalar_type();
@@ -290,7 +276,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> cpu_backward(
     const Tensor& grad_out, const Tensor& x, const Tensor& weight, const Tensor& lora_a,
     const Tensor& lora_b, const Tensor& expert_indices, const Tensor& expert_weights,
     const Tensor& h, double scaling, bool compute_grad_x, bool compute_grad_adapters) {
-  check_common(x, weight, lora_a, lora_b, expert_indices, expert_weights);
+  check_cpu(x, weight, std::nullopt, lora_a, lora_b, expert_indices, expert_weights);
   const int64_t T = x.size(0), d_in = x.size(1), d_out = weight.size(0);
   const int64_t E = lora_a.size(0), r = lora_a.size(1), k = expert_indices.size(1);
   TORCH_CHECK(grad_out.dim() == 2 && grad_out.size(0) == T && grad_out.size(1) == d_out,

@@ -573,28 +573,10 @@ void check_inputs(const Tensor& x, const Tensor& weight, const std::optional<Ten
     TORCH_CHECK(t->is_cuda(), "moelora.cuda ops take CUDA tensors, got ", t->device());
     TORCH_CHECK(t->device() == x.device(), "moelora.cuda: all tensors must be on ", x.device());
   }
-  TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && lora_a.dim() == 3 && lora_b.dim() == 3 &&
-                  idx.dim() == 2 && gates.dim() == 2,
-              "moelora: expected x [T, d_in], weight [d_out, d_in], lora_a [E, r, d_in], "
-              "lora_b [E, d_out, r], expert_indices / expert_weights [T, k]");
-  const int64_t T = x.size(0), d_in = x.size(1), d_out = weight.size(0);
-  const int64_t E = lora_a.size(0), r = lora_a.size(1);
-  TORCH_CHECK(weight.size(1) == d_in && lora_a.size(2) == d_in, "moelora: d_in mismatch");
-  TORCH_CHECK(lora_b.size(0) == E && lora_b.size(1) == d_out && lora_b.size(2) == r,
-              "moelora: lora_b must be [E, d_out, r]");
-  TORCH_CHECK(E >= 1 && r >= 1, "moelora: need E >= 1 and r >= 1");
-  TORCH_CHECK(idx.size(0) == T && gates.sizes() == idx.sizes(),
-              "moelora: expert_indices and expert_weights must both be [T, k]");
-  TORCH_CHECK(idx.scalar_type() == at::kLong, "moelora: expert_indices must be int64");
-  TORCH_CHECK(gates.scalar_type() == at::kFloat || gates.scalar_type() == at::kDouble,
-              "moelora: expert_weights must be float32 or float64 (the accumulate dtype)");
-  TORCH_CHECK(x.scalar_type() == weight.scalar_type(), "moelora: weight must have x's dtype");
-  TORCH_CHECK(lora_a.scalar_type() == lora_b.scalar_type(), "moelora: lora_a / lora_b dtypes differ");
-  if (bias.has_value()) {  // the decode kernel reads bias[0, d_out) as x's type on x's device
-    TORCH_CHECK(bias->device() == x.device(), "moelora.cuda: bias must be on ", x.device());
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == d_out, "moelora: bias must be [d_out]");
-    TORCH_CHECK(bias->scalar_type() == x.scalar_type(), "moelora: bias must have x's dtype");
-  }
+  // a host bias would be dereferenced on the device by the decode kernel
+  TORCH_CHECK(!bias.has_value() || bias->device() == x.device(), "moelora.cuda: bias must be on ",
+              x.device());
+  check_contract(x, weight, bias, lora_a, lora_b, idx, gates);
 }
 
 Tensor as_double(const Tensor& t) { return t.to(at::kDouble).contiguous(); }
