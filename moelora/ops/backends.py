@@ -22,6 +22,7 @@ Every backend implements the same two functions on already-validated, canonical 
 """
 from __future__ import annotations
 
+import importlib
 import os
 from dataclasses import dataclass
 from typing import Callable
@@ -120,17 +121,23 @@ def _torch_backward(grad_out, x, weight, lora_a, lora_b, idx, gates, h, scaling,
 # --------------------------------------------------------------------------------------------
 # triton: fused kernels in moelora.kernels (GPU, or CPU tensors under TRITON_INTERPRET=1).
 # --------------------------------------------------------------------------------------------
-_triton_kernels = []  # [module or None] once imported; a plain list keeps dynamo tracing simple
+_triton_modules: dict = {}  # name -> module, or None where it failed to import
+
+
+def triton_kernels(name: str):
+    """``moelora.kernels.<name>``, imported on first use (importing Triton is slow and it may be
+    missing); None when it cannot be imported: the op's triton backend is then unavailable."""
+    if name not in _triton_modules:
+        try:
+            module = importlib.import_module(f"moelora.kernels.{name}")
+        except Exception:  # triton missing or broken
+            module = None
+        _triton_modules[name] = module
+    return _triton_modules[name]
 
 
 def _triton_module():
-    if not _triton_kernels:
-        try:
-            from moelora.kernels import molora as triton_molora
-        except Exception:  # triton missing or broken: the backend is simply unavailable
-            triton_molora = None
-        _triton_kernels.append(triton_molora)
-    return _triton_kernels[0]
+    return triton_kernels("molora")
 
 
 def _interpreting() -> bool:

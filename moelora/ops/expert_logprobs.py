@@ -27,7 +27,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from moelora.ops.backends import accumulate_dtype, resolve_backend
+from moelora.ops.backends import accumulate_dtype, resolve_backend, triton_kernels
 
 __all__ = ["expert_logprobs", "expert_logprobs_ref", "naive_expert_logprobs"]
 
@@ -142,17 +142,8 @@ def _torch_backward(grad_logp, hidden, heads, targets, lse, ignore_index, comput
 # triton backend: kernels in moelora.kernels.expert_logprobs (GPU, or CPU tensors under
 # TRITON_INTERPRET=1 for the tests)
 # --------------------------------------------------------------------------------------------
-_triton_kernels = []  # [module or None] once imported; a plain list keeps dynamo tracing simple
-
-
 def _triton_module():
-    if not _triton_kernels:
-        try:
-            from moelora.kernels import expert_logprobs as kernels
-        except Exception:  # triton missing or broken: the backend is simply unavailable
-            kernels = None
-        _triton_kernels.append(kernels)
-    return _triton_kernels[0]
+    return triton_kernels("expert_logprobs")
 
 
 @torch.compiler.assume_constant_result
