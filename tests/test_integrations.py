@@ -244,6 +244,26 @@ def test_save_load_round_trip_every_router(tmp_path, router):
         set_preference(fresh, lam)  # the preference is per request, not saved
     assert [n for n, _ in molora_layers(fresh)] == ["q_proj", "v_proj"]
     torch.testing.assert_close(fresh(x), expected, rtol=0, atol=0)
+    # what trained before the save trains after the load, and nothing else (HoE: routers only)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert {n for n, p in fresh.named_parameters() if p.requires_grad} == trainable
+    fixed_gates = isinstance(router, dict) and router["type"] == "fixed"  # no router parameters
+    assert fixed_gates != any("router" in n for n in trainable)
+    assert (router == "hoe") != any("lora_" in n for n in trainable)
+
+
+def test_load_restores_frozen_parameters(tmp_path):
+    pytest.importorskip("safetensors")
+    model = inject(_Small(), MoLoRAConfig(num_experts=2, r=2, router="topk"))
+    model.q_proj.lora_B.weight.requires_grad_(False)  # e.g. a partly frozen fine-tune
+    save_moelora(model, tmp_path)
+    # into a model whose layers exist and are all trainable: the saved flags win
+    target = inject(_Small(), MoLoRAConfig(num_experts=2, r=2, router="topk"))
+    load_moelora(target, tmp_path)
+    assert not target.q_proj.lora_B.weight.requires_grad
+    assert target.q_proj.lora_A.weight.requires_grad and target.v_proj.lora_B.weight.requires_grad
+    assert target.q_proj.router.weight.requires_grad
+    assert not target.q_proj.base_layer.weight.requires_grad
 
 
 def _lora_sd():

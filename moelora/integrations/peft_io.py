@@ -34,9 +34,11 @@ first:
     <module>.router.default_gates   fixed: default_gates [E]; hierarchical: weight [J, E, d_in],
     <module>.router.anchors         bias [J, E], anchors [J, N]
 
-The header's metadata holds ``moelora_format = "1"`` and ``moelora_modules``: a JSON object
+The header's metadata holds ``moelora_format = "1"``, ``moelora_modules``: a JSON object
 mapping each module name to its `MoLoRALinear.layer_config()` (E, r, alpha, scaling, router
-config, expert groups, shapes), so `load_moelora` can rebuild the layers in a fresh model.
+config, expert groups, shapes), so `load_moelora` can rebuild the layers in a fresh model, and
+``moelora_frozen``: a JSON list of the saved parameters that were frozen (HoE's SVD experts,
+imported adapters), so a reload trains what the saved model trained and nothing else.
 """
 from __future__ import annotations
 
@@ -358,17 +360,20 @@ def save_moelora(model: nn.Module, path: Union[str, os.PathLike]) -> str:
     Returns the file written."""
     from safetensors.torch import save_file
 
-    tensors, configs = {}, {}
+    tensors, configs, frozen = {}, {}, []
     for name, layer in molora_layers(model):
         configs[name] = layer.layer_config()
         for key, value in layer.state_dict().items():
             if key.startswith("base_layer.") or key.startswith("_"):
                 continue
             tensors[f"{name}.{key}"] = value.detach().cpu().contiguous().clone()
+        frozen += [f"{name}.{key}" for key, param in layer.named_parameters()
+                   if not key.startswith("base_layer.") and not param.requires_grad]
     if not configs:
         raise ValueError("save_moelora: the model has no MoLoRALinear layer")
     file = _adapter_path(path, create=True)
-    metadata = {"format": "pt", "moelora_format": MOELORA_FORMAT, "moelora_modules": json.dumps(configs)}
+    metadata = {"format": "pt", "moelora_format": MOELORA_FORMAT, "moelora_modules": json.dumps(configs),
+                "moelora_frozen": json.dumps(frozen)}
     save_file(tensors, file, metadata=metadata)
     return file
 
@@ -376,7 +381,8 @@ def save_moelora(model: nn.Module, path: Union[str, os.PathLike]) -> str:
 def load_moelora(model: nn.Module, path: Union[str, os.PathLike], *, freeze_base: bool = True) -> nn.Module:
     """Load a `save_moelora` file into ``model``: modules that are still plain `nn.Linear` get a
     MoLoRALinear built from the saved config; existing MoLoRALinear layers must match it. Every
-    saved tensor is loaded (strict). Returns model."""
+    saved tensor is loaded (strict), and the loaded layers' parameters that were frozen when
+    saved are frozen again (the others trainable). Returns model."""
     from safetensors import safe_open
 
     file = _adapter_path(path, create=False)
@@ -387,6 +393,7 @@ def load_moelora(model: nn.Module, path: Union[str, os.PathLike], *, freeze_base
                              f"{metadata.get('moelora_format')!r}, expected {MOELORA_FORMAT!r})")
         tensors = {key: f.get_tensor(key) for key in f.keys()}
     configs = json.loads(metadata["moelora_modules"])
+    frozen = set(json.loads(metadata.get("moelora_frozen", "[]")))  # files from before it: none frozen
 
     to_build = []
     for name, config in configs.items():
@@ -419,4 +426,7 @@ def load_moelora(model: nn.Module, path: Union[str, os.PathLike], *, freeze_base
             raise ValueError(f"{name}: saved tensors do not match the layer (missing {sorted(missing)}, "
                              f"unexpected {sorted(unexpected)})")
         layer.load_state_dict(own, strict=False)
+        for key, param in layer.named_parameters():
+            if not key.startswith("base_layer."):
+                param.requires_grad_(prefix + key not in frozen)
     return model
