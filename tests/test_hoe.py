@@ -115,3 +115,25 @@ def test_tchebycheff():
     ideal = torch.tensor([4.0, 4.0])
     # row 0: max(0.25 * 3, 0.75 * 1) = 0.75; row 1: max(0.25 * 2, 0.75 * 4) = 3
     assert tchebycheff(rewards, lam, ideal).tolist() == [0.75, 3.0]
+
+
+def test_build_hoe_leaves_layers_injected_before_alone():
+    from moelora.integrations import inject
+    from moelora import MoLoRAConfig
+
+    base = TinyBlock().double()
+    tuned = [_finetuned(base), _finetuned(base), _finetuned(base)]
+    model = inject(copy.deepcopy(base), MoLoRAConfig(num_experts=2, r=2, target_modules=["q_proj"],
+                                                     init_lora_weights=False))
+    q_proj = model.q_proj
+    before = {k: v.clone() for k, v in q_proj.state_dict().items()}
+    build_hoe(model, tuned, HoEConfig(r=10, top_k=1, target_modules=["q_proj", "v_proj"]))
+    assert model.q_proj is q_proj and q_proj.num_experts == 2  # not filled from 3 sources, not frozen
+    for key, value in q_proj.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    assert q_proj.lora_A.weight.requires_grad and q_proj.lora_B.weight.requires_grad
+    hoe = model.v_proj
+    assert hoe.num_experts == 3 and not hoe.lora_A.weight.requires_grad
+    for i, ft in enumerate(tuned):
+        recon = hoe.base_layer.weight + hoe.lora_B.weight[i] @ hoe.lora_A.weight[i]
+        torch.testing.assert_close(recon, ft.v_proj.weight, rtol=0, atol=1e-12)

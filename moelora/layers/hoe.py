@@ -139,13 +139,17 @@ class _WeightSource:
 
 @torch.no_grad()
 def hoe_experts_from_models(model: nn.Module, finetuned: Sequence, *, method: str = "svd",
-                            svd_device=None) -> None:
-    """Fill the experts of every HoE `MoLoRALinear` in model from the fine-tuned sources
-    (expert i from source i), one layer at a time. The base weights W_0 are the layers'
-    ``base_layer.weight``; each source is a model, a state dict or a safetensors path whose
-    module names match model's."""
+                            svd_device=None, layer_names: Optional[Sequence[str]] = None) -> None:
+    """Fill the experts of every `MoLoRALinear` in model (or of those named in ``layer_names``)
+    from the fine-tuned sources (expert i from source i), one layer at a time. The base weights
+    W_0 are the layers' ``base_layer.weight``; each source is a model, a state dict or a
+    safetensors path whose module names match model's."""
     sources = [_WeightSource(s) for s in finetuned]
-    for name, layer in molora_layers(model):
+    layers = molora_layers(model)
+    if layer_names is not None:
+        wanted = set(layer_names)
+        layers = [(name, layer) for name, layer in layers if name in wanted]
+    for name, layer in layers:
         if layer.num_experts != len(sources):
             raise ValueError(f"layer {name} has {layer.num_experts} experts for {len(sources)} fine-tuned models")
         base = layer.base_layer.weight
@@ -166,9 +170,12 @@ def build_hoe(model: nn.Module, finetuned: Sequence, config: Optional[HoEConfig]
     num_experts = len(finetuned)
     if num_experts < 1:
         raise ValueError("build_hoe needs at least one fine-tuned model")
+    before = {id(layer) for _, layer in molora_layers(model)}  # layers injected earlier stay as they are
     inject(model, config, make_layer=lambda base, name: config.make_layer(base, name, num_experts=num_experts))
-    hoe_experts_from_models(model, finetuned, method=config.svd_method, svd_device=config.svd_device)
-    for _, layer in molora_layers(model):  # experts are fixed by the SVD; routers train
+    built = [(name, layer) for name, layer in molora_layers(model) if id(layer) not in before]
+    hoe_experts_from_models(model, finetuned, method=config.svd_method, svd_device=config.svd_device,
+                            layer_names=[name for name, _ in built])
+    for _, layer in built:  # experts are fixed by the SVD; routers train
         layer.lora_A.weight.requires_grad_(False)
         layer.lora_B.weight.requires_grad_(False)
     return model
