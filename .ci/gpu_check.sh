@@ -286,13 +286,19 @@ for (xd, md), br in itertools.product([("bf16", "bf16"), ("fp16", "fp16"), ("fp3
     for fuse in (False, True):
         ok &= compile_(K._shrink_kernel, dict(FUSE_GATE_GRAD=fuse, DOT_FP32=f32, BLOCK_M=64, BLOCK_R=br, BLOCK_K=64),
                        dict(plan, src_ptr=ty[xd], mat_ptr=ty[md]), nw)
-    ok &= compile_(K._expand_kernel, dict(DOT_FP32=f32, BLOCK_T=64, BLOCK_N=64, BLOCK_R=br),
-                   dict(dst_ptr=ty[xd], mat_ptr=ty[md], index_ptr=idx), nw)
     ok &= compile_(K._grouped_expand_kernel, dict(DOT_FP32=f32, BLOCK_M=64, BLOCK_N=64, BLOCK_R=br),
                    dict(plan, dst_ptr=ty[xd], mat_ptr=ty[md]), nw)
     ok &= compile_(K._wgrad_kernel, dict(DOT_FP32=xd == "fp32", BLOCK_M=64, BLOCK_N=64, BLOCK_R=br),
                    dict(src_ptr=ty[xd], out_ptr=ty[md], sorted_slots_ptr=idx, expert_start_ptr=idx,
                         expert_count_ptr=idx), nw)
+    for bt in (16, 64):  # the plan-free (small T) kernels, smallest and largest token tile
+        for fuse in (False, True):
+            ok &= compile_(K._token_shrink_kernel, dict(FUSE_GATE_GRAD=fuse, DOT_FP32=f32, BLOCK_T=bt, BLOCK_R=br,
+                                                        BLOCK_K=64), dict(src_ptr=ty[xd], mat_ptr=ty[md], index_ptr=idx), nw)
+        ok &= compile_(K._expand_kernel, dict(DOT_FP32=f32, BLOCK_T=bt, BLOCK_N=64, BLOCK_R=br),
+                       dict(dst_ptr=ty[xd], mat_ptr=ty[md], index_ptr=idx), nw)
+        ok &= compile_(K._token_wgrad_kernel, dict(DOT_FP32=xd == "fp32", BLOCK_T=bt, BLOCK_N=64, BLOCK_R=br),
+                       dict(src_ptr=ty[xd], out_ptr=ty[md], index_ptr=idx), nw)
 for be, bt, bk in [(4, 64, 1), (8, 64, 2), (512, 8, 64)]:
     ok &= compile_(R._topk_route_kernel, dict(RENORMALIZE=True, BLOCK_T=bt, BLOCK_E=be, BLOCK_K=bk),
                    dict(logits_ptr="*bf16", index_ptr=idx))

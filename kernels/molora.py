@@ -15,6 +15,11 @@ every row has one slot, so the grouped walk serves; with k > 1 a row's slots bel
 experts, so the expand is token-major: a tile loops over the experts, skipping those no slot in
 the tile uses (cost grows with the distinct experts per tile; see benchmarks/NOTES.md).
 
+For T <= PLAN_FREE_MAX_T (decode) the kernels are token-major throughout and no plan is built:
+the plan (sort, counts, scans, search: about a dozen small launches) would cost more than the
+LoRA work itself, and one token tile then covers every token, so each expert's matrix is still
+read once per output tile. A forward is then cuBLAS + a memset + two launches.
+
 Rank vectors (h, u) live in fp32 (perf.md: keep the rank intermediate in fp32). Every offset
 that multiplies a token index is int64.
 """
@@ -30,10 +35,19 @@ import triton.language as tl
 
 # Rows of sorted slots per program in shrink / wgrad. tl.dot needs every dim >= 16.
 GROUP_BLOCK_M = 64
+# Largest T served without a routing plan. At 64 a single token tile (BLOCK_T = 64) covers every
+# token, so the token-major kernels read each matrix as often as the grouped ones. Untimed on a
+# GPU; MOELORA_TRITON_PLAN_FREE_MAX_T overrides it (e.g. 0 forces the grouped kernels).
+PLAN_FREE_MAX_T = int(os.environ.get("MOELORA_TRITON_PLAN_FREE_MAX_T", "64"))
 
 
 def _rank_block(r: int) -> int:
     return max(16, triton.next_power_of_2(r))
+
+
+def _token_block(T: int) -> int:
+    """Rows per token tile: the smallest tl.dot-able power of two covering T, at most 64."""
+    return min(64, max(16, triton.next_power_of_2(T)))
 
 
 def _num_warps(block_r: int) -> int:
@@ -137,6 +151,61 @@ def _shrink_kernel(
     if FUSE_GATE_GRAD:
         h = tl.load(h_ptr + out_offs, mask=out_mask, other=0.0)
         tl.store(grad_gate_ptr + slots, scaling * tl.sum(acc * h, axis=1), mask=row_mask)
+
+
+@triton.jit
+def _token_shrink_kernel(
+    src_ptr, stride_src_t,  # src [T, K]
+    mat_ptr, stride_mat_e, stride_mat_i, stride_mat_c,  # mat[e, i, c]: [E, R, K]
+    out_ptr,  # [T, k, R] fp32 (zero where not written)
+    h_ptr, grad_gate_ptr, scaling,  # with FUSE_GATE_GRAD: dg[slot] = s * <out[slot], h[slot]>
+    index_ptr,  # [T, k] int64 ids
+    T, K, R, num_slots_per_token,
+    FUSE_GATE_GRAD: tl.constexpr, DOT_FP32: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # program (token tile, expert): M_e src for the tile's rows routed to e, stored into each of
+    # their slots that names e. Every slot is written by the one program of its expert.
+    pid_t = tl.program_id(0)
+    expert = tl.program_id(1)
+    offs_t = (pid_t * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
+    t_mask = offs_t < T
+    hits = tl.zeros((BLOCK_T,), dtype=tl.int32)
+    for j in range(0, num_slots_per_token):
+        ids = tl.load(index_ptr + offs_t * num_slots_per_token + j, mask=t_mask, other=-1)
+        hits += (ids == expert).to(tl.int32)
+    if tl.max(hits, axis=0) == 0:  # no row of this tile uses this expert
+        return
+    row_mask = hits > 0
+    offs_r = tl.arange(0, BLOCK_R)
+    r_mask = offs_r < R
+    mat_base = mat_ptr + tl.cast(expert, tl.int64) * stride_mat_e
+    acc = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
+    for c0 in range(0, K, BLOCK_K):
+        offs_c = c0 + tl.arange(0, BLOCK_K)
+        c_mask = offs_c < K
+        a = tl.load(
+            src_ptr + offs_t[:, None] * stride_src_t + offs_c[None, :],
+            mask=row_mask[:, None] & c_mask[None, :], other=0.0,
+        )
+        b = tl.load(
+            mat_base + offs_c[:, None] * stride_mat_c + offs_r[None, :] * stride_mat_i,
+            mask=c_mask[:, None] & r_mask[None, :], other=0.0,
+        )
+        if DOT_FP32:
+            acc += tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+        else:
+            acc += tl.dot(a, b)
+    for j in range(0, num_slots_per_token):
+        slot = offs_t * num_slots_per_token + j
+        ids = tl.load(index_ptr + slot, mask=t_mask, other=-1)
+        sel = t_mask & (ids == expert)
+        out_offs = slot[:, None] * R + offs_r[None, :]
+        out_mask = sel[:, None] & r_mask[None, :]
+        tl.store(out_ptr + out_offs, acc, mask=out_mask)
+        if FUSE_GATE_GRAD:
+            h = tl.load(h_ptr + out_offs, mask=out_mask, other=0.0)
+            tl.store(grad_gate_ptr + slot, scaling * tl.sum(acc * h, axis=1), mask=sel)
 
 
 @triton.jit
@@ -276,69 +345,134 @@ def _wgrad_kernel(
              mask=n_mask[:, None] & r_mask[None, :])
 
 
+@triton.jit
+def _token_wgrad_kernel(
+    src_ptr, stride_src_t,  # src [T, N]: dy for dB, x for dA
+    vec_ptr,  # [T, k, R] fp32: h for dB, u for dA
+    gate_ptr, index_ptr,  # [T, k] fp32 gates, [T, k] int64 ids
+    out_ptr, stride_out_e, stride_out_n, stride_out_i,  # out[e, n, i]
+    T, N, R, num_slots_per_token, scaling,
+    DOT_FP32: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    # program (expert, column tile) walks every token tile: the slots of e are found by
+    # comparing ids rather than from a sorted plan (small T only).
+    expert = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    offs_r = tl.arange(0, BLOCK_R)
+    r_mask = offs_r < R
+    acc = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
+    for t0 in range(0, T, BLOCK_T):
+        offs_t = (t0 + tl.arange(0, BLOCK_T)).to(tl.int64)
+        t_mask = offs_t < T
+        mixed = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)  # sum_j g v over slots naming e
+        hits = tl.zeros((BLOCK_T,), dtype=tl.int32)
+        for j in range(0, num_slots_per_token):
+            slot = offs_t * num_slots_per_token + j
+            ids = tl.load(index_ptr + slot, mask=t_mask, other=-1)
+            sel = t_mask & (ids == expert)
+            gate = tl.load(gate_ptr + slot, mask=sel, other=0.0)
+            vec = tl.load(vec_ptr + slot[:, None] * R + offs_r[None, :],
+                          mask=sel[:, None] & r_mask[None, :], other=0.0)
+            mixed += vec * gate[:, None]
+            hits += sel.to(tl.int32)
+        if tl.max(hits, axis=0) > 0:
+            src = tl.load(
+                src_ptr + offs_t[None, :] * stride_src_t + offs_n[:, None],
+                mask=n_mask[:, None] & (hits > 0)[None, :], other=0.0,
+            )  # [BLOCK_N, BLOCK_T]: the transposed rows
+            if DOT_FP32:
+                acc += tl.dot(src.to(tl.float32), mixed, input_precision="ieee")
+            else:
+                acc += tl.dot(src, mixed.to(src.dtype))
+    out = (out_ptr + tl.cast(expert, tl.int64) * stride_out_e + offs_n[:, None] * stride_out_n
+           + offs_r[None, :] * stride_out_i)
+    tl.store(out, (scaling * acc).to(out_ptr.dtype.element_ty),
+             mask=n_mask[:, None] & r_mask[None, :])
+
+
 # --------------------------------------------------------------------------------------------
 # launchers. `mat` operands are given as (tensor, stride_e, stride_row, stride_col) views.
 # --------------------------------------------------------------------------------------------
-def _shrink(src, mat, strides, out, plan, num_slots_per_token, *, h=None, grad_gate=None,
-            scaling=1.0):
-    K = src.shape[1]
+def _shrink(src, mat, strides, out, indices, plan, *, h=None, grad_gate=None, scaling=1.0):
+    """out[slot] = M_e src[token] (+ the gate gradient); ``plan`` None: token-major."""
+    T, K = src.shape
+    k = indices.shape[1]
     R = out.shape[-1]
     fuse = h is not None
+    common = dict(FUSE_GATE_GRAD=fuse, DOT_FP32=_dot_in_fp32(src.dtype, mat.dtype),
+                  BLOCK_R=_rank_block(R), BLOCK_K=64, num_warps=_num_warps(_rank_block(R)))
+    gate_args = (h if fuse else out, grad_gate if fuse else out, scaling)
+    if plan is None:
+        block_t = _token_block(T)
+        _token_shrink_kernel[(triton.cdiv(T, block_t), mat.shape[0])](
+            src, src.stride(0), mat, *strides, out, *gate_args, indices,
+            T, K, R, k, BLOCK_T=block_t, **common,
+        )
+        return
     _shrink_kernel[(plan.num_blocks,)](
-        src, src.stride(0),
-        mat, *strides,
-        out,
-        h if fuse else out, grad_gate if fuse else out, scaling,
+        src, src.stride(0), mat, *strides, out, *gate_args,
         plan.sorted_slots, plan.block_expert, plan.block_start, plan.block_end,
-        K, R, num_slots_per_token,
-        FUSE_GATE_GRAD=fuse, DOT_FP32=_dot_in_fp32(src.dtype, mat.dtype),
-        BLOCK_M=plan.block_m, BLOCK_R=_rank_block(R), BLOCK_K=64,
-        num_warps=_num_warps(_rank_block(R)),
+        K, R, k, BLOCK_M=plan.block_m, **common,
     )
 
 
 def _expand(dst, vec, gates, indices, mat, strides, scaling, plan):
+    """dst[t] += s sum_j g M_e vec[t, j]; grouped only for k = 1 with a plan."""
     T, N = dst.shape
     k = indices.shape[1]
     R = vec.shape[-1]
     E = mat.shape[0]
-    block_t, block_n = 64, 64
-    if k == 1:
+    block_n = 64
+    common = dict(DOT_FP32=_dot_in_fp32(mat.dtype, dst.dtype),  # fp32 dst: no 16-bit rounding of h / u
+                  BLOCK_N=block_n, BLOCK_R=_rank_block(R), num_warps=_num_warps(_rank_block(R)))
+    if k == 1 and plan is not None:
         _grouped_expand_kernel[(plan.num_blocks, triton.cdiv(N, block_n))](
             dst, dst.stride(0), vec, gates,
             mat, *strides,
             plan.sorted_slots, plan.block_expert, plan.block_start, plan.block_end,
-            N, R, scaling,
-            DOT_FP32=_dot_in_fp32(mat.dtype, dst.dtype),  # fp32 dst: no 16-bit rounding of h / u
-            BLOCK_M=plan.block_m, BLOCK_N=block_n, BLOCK_R=_rank_block(R),
-            num_warps=_num_warps(_rank_block(R)),
+            N, R, scaling, BLOCK_M=plan.block_m, **common,
         )
         return
-    grid = (triton.cdiv(T, block_t), triton.cdiv(N, block_n))
-    _expand_kernel[grid](
+    block_t = _token_block(T)
+    _expand_kernel[(triton.cdiv(T, block_t), triton.cdiv(N, block_n))](
         dst, dst.stride(0), vec, gates, indices,
         mat, *strides,
-        T, N, R, k, E, scaling,
-        DOT_FP32=_dot_in_fp32(mat.dtype, dst.dtype),  # fp32 dst: no 16-bit rounding of h / u
-        BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_R=_rank_block(R),
-        num_warps=_num_warps(_rank_block(R)),
+        T, N, R, k, E, scaling, BLOCK_T=block_t, **common,
     )
 
 
-def _wgrad(src, vec, gates, plan, out, strides, num_slots_per_token, scaling):
-    N = src.shape[1]
+def _wgrad(src, vec, gates, indices, plan, out, strides, scaling):
+    """out_e = s sum over the slots of e of g src[token] vec^T; ``plan`` None: token-major."""
+    T, N = src.shape
+    k = indices.shape[1]
     R = vec.shape[-1]
     E = out.shape[0]
     block_n = 64
-    _wgrad_kernel[(E, triton.cdiv(N, block_n))](
+    common = dict(DOT_FP32=_dot_in_fp32(src.dtype), BLOCK_N=block_n, BLOCK_R=_rank_block(R),
+                  num_warps=_num_warps(_rank_block(R)))
+    grid = (E, triton.cdiv(N, block_n))
+    if plan is None:
+        _token_wgrad_kernel[grid](
+            src, src.stride(0), vec, gates, indices, out, *strides,
+            T, N, R, k, scaling, BLOCK_T=_token_block(T), **common,
+        )
+        return
+    _wgrad_kernel[grid](
         src, src.stride(0), vec, gates,
         plan.sorted_slots, plan.expert_start, plan.expert_count,
         out, *strides,
-        N, R, num_slots_per_token, scaling,
-        DOT_FP32=_dot_in_fp32(src.dtype),
-        BLOCK_M=plan.block_m, BLOCK_N=block_n, BLOCK_R=_rank_block(R),
-        num_warps=_num_warps(_rank_block(R)),
+        N, R, k, scaling, BLOCK_M=plan.block_m, **common,
     )
+
+
+def _routing_plan(expert_indices, num_experts):
+    """The grouped kernels' plan, or None where the token-major kernels serve (small T)."""
+    if expert_indices.shape[0] <= PLAN_FREE_MAX_T:
+        return None
+    return GroupPlan(expert_indices, num_experts)
 
 
 def _a_as_shrink(lora_a):  # A[e, i, c]: h = A_e x
@@ -375,8 +509,8 @@ def _forward(x, weight, bias, lora_a, lora_b, expert_indices, expert_weights, sc
     k = expert_indices.shape[1]
     y = F.linear(x, weight, bias)
     h = torch.zeros(T, k, r, dtype=torch.float32, device=x.device)
-    plan = GroupPlan(expert_indices, E)
-    _shrink(x, lora_a, _a_as_shrink(lora_a), h, plan, k)
+    plan = _routing_plan(expert_indices, E)
+    _shrink(x, lora_a, _a_as_shrink(lora_a), h, expert_indices, plan)
     _expand(y, h, expert_weights, expert_indices, lora_b, _b_as_expand(lora_b), scaling, plan)
     return y, h
 
@@ -393,16 +527,16 @@ def _backward(grad_out, x, weight, lora_a, lora_b, expert_indices, expert_weight
     T = x.shape[0]
     E, r, _ = lora_a.shape
     k = expert_indices.shape[1]
-    plan = GroupPlan(expert_indices, E)
+    plan = _routing_plan(expert_indices, E)
     u = torch.zeros(T, k, r, dtype=torch.float32, device=x.device)
     grad_gates = torch.zeros(T, k, dtype=torch.float32, device=x.device)
-    _shrink(grad_out, lora_b, _b_as_shrink(lora_b), u, plan, k, h=h, grad_gate=grad_gates,
-            scaling=scaling)
+    _shrink(grad_out, lora_b, _b_as_shrink(lora_b), u, expert_indices, plan, h=h,
+            grad_gate=grad_gates, scaling=scaling)
     if compute_grad_adapters:
         grad_b = torch.empty_like(lora_b)
         grad_a = torch.empty_like(lora_a)
-        _wgrad(grad_out, h, expert_weights, plan, grad_b, _b_as_expand(grad_b), k, scaling)
-        _wgrad(x, u, expert_weights, plan, grad_a, _a_as_expand(grad_a), k, scaling)
+        _wgrad(grad_out, h, expert_weights, expert_indices, plan, grad_b, _b_as_expand(grad_b), scaling)
+        _wgrad(x, u, expert_weights, expert_indices, plan, grad_a, _a_as_expand(grad_a), scaling)
     else:  # frozen experts (e.g. HoE router training): no pass over x and dy for them
         grad_a, grad_b = lora_a.new_empty(0), lora_b.new_empty(0)
     if compute_grad_x:

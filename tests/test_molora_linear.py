@@ -167,6 +167,40 @@ def test_triton_fp16_tensor_core_path(tensor_core_path, shape):
     check_against_reference("triton", _problem(*shape), torch.float16, torch.float16)
 
 
+@pytest.fixture(params=["plan-free", "grouped"])
+def triton_routing(request, monkeypatch):
+    """Force one of the Triton backend's two ways through the kernels whatever T is: token-major
+    without a routing plan (its small-T path), or grouped by expert over a sorted plan. Yields
+    the number of plans built, to show which way ran."""
+    if "triton" not in BACKENDS:
+        pytest.skip("no triton backend")
+    kernels = pytest.importorskip("moelora.kernels.molora")
+    plans = []
+
+    class CountedPlan(kernels.GroupPlan):
+        def __init__(self, *args, **kwargs):
+            plans.append(1)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(kernels, "GroupPlan", CountedPlan)
+    monkeypatch.setattr(kernels, "PLAN_FREE_MAX_T", 1 << 62 if request.param == "plan-free" else 0)
+    yield request.param, plans
+
+
+@pytest.mark.parametrize("dtypes", [DTYPES[0], DTYPES[3]], ids=_dtype_id)
+@pytest.mark.parametrize("shape", SHAPES, ids=_shape_id)
+def test_triton_both_routings_match_reference(triton_routing, shape, dtypes):
+    path, plans = triton_routing
+    check_against_reference("triton", _problem(*shape), *dtypes)
+    assert len(plans) == (0 if path == "plan-free" else 2)  # forward and backward
+
+
+@pytest.mark.parametrize("shape", [(17, 33, 21, 5, 3, 2, "duplicates"), (65, 65, 63, 5, 17, 1, "tenant")],
+                         ids=_shape_id)
+def test_triton_both_routings_tensor_core_path(triton_routing, tensor_core_path, shape):
+    check_against_reference("triton", _problem(*shape), torch.float16, torch.float16)
+
+
 @pytest.mark.parametrize("shape", [(17, 33, 21, 5, 3, 2, "topk"), (33, 20, 24, 4, 5, 1, "tenant")],
                          ids=_shape_id)
 @pytest.mark.parametrize("backend", BACKENDS)
