@@ -299,6 +299,11 @@ for (xd, md), br in itertools.product([("bf16", "bf16"), ("fp16", "fp16"), ("fp3
                        dict(dst_ptr=ty[xd], mat_ptr=ty[md], index_ptr=idx), nw)
         ok &= compile_(K._token_wgrad_kernel, dict(DOT_FP32=xd == "fp32", BLOCK_T=bt, BLOCK_N=64, BLOCK_R=br),
                        dict(src_ptr=ty[xd], out_ptr=ty[md], index_ptr=idx), nw)
+for e_pad in (16, 128, 1024):  # the routing plan, E = 8, 64, 512 (sub as GroupPlan picks it)
+    sub = max(16, min(1024, K._PLAN_TILE // e_pad))
+    ok &= compile_(K._plan_histogram_kernel, dict(E_PAD=e_pad, SUB=sub), dict(index_ptr=idx, hist_ptr=idx))
+    ok &= compile_(K._plan_scatter_kernel, dict(BLOCK_M=64, E_PAD=e_pad, SUB=sub, HIST_ROWS=max(2, K._PLAN_TILE // e_pad), BLOCK_B=64),
+                   {n: idx for n in K._plan_scatter_kernel.arg_names if n.endswith("_ptr")})
 for be, bt, bk in [(4, 64, 1), (8, 64, 2), (512, 8, 64)]:
     ok &= compile_(R._topk_route_kernel, dict(RENORMALIZE=True, BLOCK_T=bt, BLOCK_E=be, BLOCK_K=bk),
                    dict(logits_ptr="*bf16", index_ptr=idx))

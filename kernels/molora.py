@@ -70,34 +70,120 @@ def _dot_in_fp32(*dtypes: torch.dtype) -> bool:
 
 # --------------------------------------------------------------------------------------------
 # routing plan: slots grouped by expert, in blocks of GROUP_BLOCK_M rows that never straddle two
-# experts. All shapes are static (functions of T, k, E), so no host sync and CUDA-graph safe.
+# experts. A stable counting sort in two launches (per-chunk histograms, then each chunk scatters
+# its slots behind the earlier chunks'), where torch's sort / scan / search took ~30 small ones.
+# All shapes are static (functions of T, k, E): no host sync, CUDA-graph safe. Ids outside
+# [0, E) (-1 = no expert) sort after every expert, so a bad id is never used as an address.
 # --------------------------------------------------------------------------------------------
+_PLAN_MAX_CHUNKS = 128  # programs per launch; the scatter reads every chunk's histogram row
+_PLAN_TILE = 4096  # slots x expert buckets held at once by one program
+
+
+@triton.jit
+def _plan_histogram_kernel(
+    index_ptr,  # [S] expert ids
+    hist_ptr,  # [num_chunks, E_PAD] int64: slots of each expert bucket (E: none) per chunk
+    S, E, chunk_len,
+    E_PAD: tl.constexpr, SUB: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    first = pid.to(tl.int64) * chunk_len
+    offs_e = tl.arange(0, E_PAD)
+    counts = tl.zeros((E_PAD,), dtype=tl.int64)
+    for s0 in range(0, chunk_len, SUB):
+        local = s0 + tl.arange(0, SUB)
+        offs = first + local
+        mask = (local < chunk_len) & (offs < S)
+        ids = tl.load(index_ptr + offs, mask=mask, other=-1)
+        key = tl.where((ids >= 0) & (ids < E), ids, E)
+        onehot = (key[:, None] == offs_e[None, :]) & mask[:, None]
+        counts += tl.sum(onehot.to(tl.int64), axis=0)
+    tl.store(hist_ptr + pid * E_PAD + offs_e, counts)
+
+
+@triton.jit
+def _plan_scatter_kernel(
+    index_ptr, hist_ptr,
+    sorted_ptr,  # [S] int64 out: slot ids grouped by expert, in slot order within an expert
+    expert_start_ptr, expert_count_ptr,  # [E] int64 out
+    block_expert_ptr, block_start_ptr, block_end_ptr,  # [num_blocks] int64 out
+    S, E, chunk_len, num_chunks, num_blocks,
+    BLOCK_M: tl.constexpr, E_PAD: tl.constexpr, SUB: tl.constexpr, HIST_ROWS: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    offs_e = tl.arange(0, E_PAD)
+    counts = tl.zeros((E_PAD,), dtype=tl.int64)
+    earlier = tl.zeros((E_PAD,), dtype=tl.int64)  # slots of each bucket in chunks before this one
+    for c0 in range(0, num_chunks, HIST_ROWS):  # the histogram rows in a few wide loads
+        rows = c0 + tl.arange(0, HIST_ROWS)
+        tile = tl.load(hist_ptr + rows[:, None] * E_PAD + offs_e[None, :],
+                       mask=(rows < num_chunks)[:, None], other=0)
+        counts += tl.sum(tile, axis=0)
+        earlier += tl.sum(tl.where((rows < pid)[:, None], tile, 0), axis=0)
+    starts = tl.cumsum(counts, axis=0) - counts
+    next_pos = starts + earlier
+    first = pid.to(tl.int64) * chunk_len
+    for s0 in range(0, chunk_len, SUB):
+        local = s0 + tl.arange(0, SUB)
+        offs = first + local
+        mask = (local < chunk_len) & (offs < S)
+        ids = tl.load(index_ptr + offs, mask=mask, other=-1)
+        key = tl.where((ids >= 0) & (ids < E), ids, E)
+        onehot = ((key[:, None] == offs_e[None, :]) & mask[:, None]).to(tl.int64)
+        rank = tl.cumsum(onehot, axis=0) - onehot  # earlier slots of the same bucket in this step
+        pos = tl.sum(onehot * (next_pos[None, :] + rank), axis=1)
+        tl.store(sorted_ptr + pos, offs, mask=mask)
+        next_pos += tl.sum(onehot, axis=0)
+    is_expert = offs_e < E
+    if pid == 0:
+        tl.store(expert_start_ptr + offs_e, starts, mask=is_expert)
+        tl.store(expert_count_ptr + offs_e, counts, mask=is_expert)
+    # the block table, its tiles dealt round the programs
+    blocks = tl.where(is_expert, (counts + BLOCK_M - 1) // BLOCK_M, 0)
+    blocks_end = tl.cumsum(blocks, axis=0)
+    blocks_first = blocks_end - blocks
+    ends = starts + counts
+    for b0 in range(pid * BLOCK_B, num_blocks, num_chunks * BLOCK_B):
+        b = b0 + tl.arange(0, BLOCK_B)
+        b_mask = b < num_blocks
+        # one-hot of the expert owning block b; no owner: an idle block past the last one
+        own = (b[:, None] >= blocks_first[None, :]) & (b[:, None] < blocks_end[None, :]) & is_expert[None, :]
+        owned = tl.sum(own.to(tl.int32), axis=1) > 0
+        owner = tl.sum(tl.where(own, offs_e[None, :], 0), axis=1)
+        row0 = tl.sum(tl.where(own, starts[None, :] + (b[:, None] - blocks_first[None, :]) * BLOCK_M, 0), axis=1)
+        row_end = tl.sum(tl.where(own, ends[None, :], 0), axis=1)
+        tl.store(block_expert_ptr + b, tl.where(owned, owner, -1), mask=b_mask)
+        tl.store(block_start_ptr + b, row0, mask=b_mask)
+        tl.store(block_end_ptr + b, row_end, mask=b_mask)
+
+
 class GroupPlan:
     def __init__(self, expert_indices: torch.Tensor, num_experts: int, block_m: int = GROUP_BLOCK_M):
         flat = expert_indices.reshape(-1)
-        num_slots = flat.numel()
-        device = flat.device
-        E = num_experts
-        key = torch.where(flat >= 0, flat, E)  # id -1 sorts after every expert
-        _, order = torch.sort(key, stable=True)
-        counts = torch.zeros(E + 1, dtype=torch.int64, device=device)
-        counts.scatter_add_(0, key, torch.ones_like(key))
-        counts = counts[:E]
-        starts = torch.cumsum(counts, 0) - counts
-        blocks_per_expert = (counts + block_m - 1) // block_m
-        blocks_end = torch.cumsum(blocks_per_expert, 0)
+        S, E = flat.numel(), num_experts
+        e_pad = triton.next_power_of_2(E + 1)  # bucket E: no expert
+        sub = max(16, min(1024, _PLAN_TILE // e_pad))
+        num_chunks = max(1, min(_PLAN_MAX_CHUNKS, triton.cdiv(S, sub)))
+        chunk_len = triton.cdiv(triton.cdiv(max(S, 1), num_chunks), sub) * sub
+        num_chunks = max(1, triton.cdiv(S, chunk_len))
         # sum_e ceil(c_e / m) <= floor(S / m) + E: a static bound on the number of blocks.
-        max_blocks = num_slots // block_m + E
-        block = torch.arange(max_blocks, device=device)
-        owner = torch.searchsorted(blocks_end, block, right=True)  # E for the idle tail
-        owner_c = owner.clamp(max=E - 1)
-        first_block = blocks_end[owner_c] - blocks_per_expert[owner_c]
-        self.sorted_slots = order  # [S] slot ids (t * k + j) grouped by expert
-        self.block_expert = torch.where(owner < E, owner, -1)  # [max_blocks]
-        self.block_start = starts[owner_c] + (block - first_block) * block_m
-        self.block_end = starts[owner_c] + counts[owner_c]
-        self.expert_start = starts  # [E]
-        self.expert_count = counts  # [E]
+        max_blocks = S // block_m + E
+        new = dict(dtype=torch.int64, device=flat.device)
+        hist = torch.empty(num_chunks, e_pad, **new)
+        self.sorted_slots = torch.empty(S, **new)  # [S] slot ids (t * k + j) grouped by expert
+        self.expert_start = torch.empty(E, **new)  # [E]
+        self.expert_count = torch.empty(E, **new)  # [E]
+        self.block_expert = torch.empty(max_blocks, **new)  # [max_blocks], -1: idle
+        self.block_start = torch.empty(max_blocks, **new)
+        self.block_end = torch.empty(max_blocks, **new)
+        _plan_histogram_kernel[(num_chunks,)](flat, hist, S, E, chunk_len, E_PAD=e_pad, SUB=sub)
+        _plan_scatter_kernel[(num_chunks,)](
+            flat, hist, self.sorted_slots, self.expert_start, self.expert_count,
+            self.block_expert, self.block_start, self.block_end,
+            S, E, chunk_len, num_chunks, max_blocks,
+            BLOCK_M=block_m, E_PAD=e_pad, SUB=sub, HIST_ROWS=max(2, _PLAN_TILE // e_pad), BLOCK_B=64,
+        )
         self.num_blocks = max_blocks
         self.block_m = block_m
 

@@ -201,6 +201,44 @@ def test_triton_both_routings_tensor_core_path(triton_routing, tensor_core_path,
     check_against_reference("triton", _problem(*shape), torch.float16, torch.float16)
 
 
+def _reference_plan(ids, E, block_m):
+    """The grouped kernels' plan from torch's stable sort, block by block in Python."""
+    key = torch.where((ids >= 0) & (ids < E), ids, E)
+    order = torch.sort(key, stable=True).indices
+    counts = torch.bincount(key, minlength=E + 1)[:E]
+    starts = torch.cumsum(counts, 0) - counts
+    blocks = []  # (expert, first row, end row)
+    for e in range(E):
+        for row in range(int(starts[e]), int(starts[e] + counts[e]), block_m):
+            blocks.append((e, row, int(starts[e] + counts[e])))
+    return order, starts, counts, blocks
+
+
+@pytest.mark.parametrize("S,E,max_chunks,tile", [
+    (0, 3, 128, 4096), (1, 1, 128, 4096), (70, 5, 128, 4096), (5000, 3, 128, 4096),
+    (5000, 3, 3, 64),  # several chunks, several steps per chunk: the carried offsets
+    (777, 64, 5, 4096),  # 65 buckets pad to 128
+])
+def test_triton_routing_plan(S, E, max_chunks, tile, monkeypatch):
+    if "triton" not in BACKENDS:
+        pytest.skip("no triton backend")
+    kernels = pytest.importorskip("moelora.kernels.molora")
+    monkeypatch.setattr(kernels, "_PLAN_MAX_CHUNKS", max_chunks)
+    monkeypatch.setattr(kernels, "_PLAN_TILE", tile)
+    g = torch.Generator().manual_seed(S + E)
+    ids = torch.randint(-1, E, (S,), generator=g).to(DEVICE)
+    if S > 10:  # out-of-range ids must sort with "no expert", never address anything
+        ids[3], ids[7] = E + 2, -5
+    plan = kernels.GroupPlan(ids, E, block_m=16)
+    order, starts, counts, blocks = _reference_plan(ids.cpu(), E, 16)
+    assert torch.equal(plan.sorted_slots.cpu(), order)
+    assert torch.equal(plan.expert_start.cpu(), starts) and torch.equal(plan.expert_count.cpu(), counts)
+    assert plan.num_blocks == S // 16 + E
+    table = list(zip(plan.block_expert.tolist(), plan.block_start.tolist(), plan.block_end.tolist()))
+    assert table[:len(blocks)] == blocks
+    assert all(e == -1 for e, _, _ in table[len(blocks):])
+
+
 @pytest.mark.parametrize("shape", [(17, 33, 21, 5, 3, 2, "topk"), (33, 20, 24, 4, 5, 1, "tenant")],
                          ids=_shape_id)
 @pytest.mark.parametrize("backend", BACKENDS)
