@@ -16,9 +16,9 @@ experts, so the expand is token-major: a tile loops over the experts, skipping t
 the tile uses (cost grows with the distinct experts per tile; see benchmarks/NOTES.md).
 
 For T <= PLAN_FREE_MAX_T (decode) the kernels are token-major throughout and no plan is built:
-the plan (sort, counts, scans, search: about a dozen small launches) would cost more than the
-LoRA work itself, and one token tile then covers every token, so each expert's matrix is still
-read once per output tile. A forward is then cuBLAS + a memset + two launches.
+at decode every launch counts (the plan is two), and one token tile then covers every token,
+so each expert's matrix is still read once per output tile. A forward is then cuBLAS + a
+memset + two launches (four more with the plan and no plan-free path).
 
 Rank vectors (h, u) live in fp32 (perf.md: keep the rank intermediate in fp32). Every offset
 that multiplies a token index is int64.
