@@ -259,54 +259,78 @@ bench_step() {
 }
 
 TRITON_PREFLIGHT='
-import itertools, os, sys
+import itertools, os, re, subprocess, sys, tempfile
 os.environ.pop("TRITON_INTERPRET", None)
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 import triton
 from moelora.kernels import molora as K, routing as R
 
+PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+spills = []
+
+def spill_bytes(ptx):
+    # ptxas -v on the PTX Triton made: the spills the GPU would see, without a GPU
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
+        f.write(ptx)
+        f.flush()
+        out = subprocess.run([PTXAS, "-arch=sm_90a", "-v", f.name, "-o", os.devnull],
+                             capture_output=True, text=True).stderr
+    return max([int(n) for n in re.findall(r"(\d+) bytes spill stores", out)] or [0])
+
 def compile_(fn, consts, ptrs, num_warps=4):
     sig = {n: "constexpr" if n in consts else ptrs.get(n, "*fp32") if n.endswith("_ptr")
            else "fp32" if n == "scaling" else "i32" for n in fn.arg_names}
     try:
-        triton.compile(ASTSource(fn, sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
-                       options=dict(num_warps=num_warps))
-        return True
+        kernel = triton.compile(ASTSource(fn, sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
+                                options=dict(num_warps=num_warps))
     except Exception as exc:
         print("FAILED", fn.__name__, consts, ptrs, type(exc).__name__, str(exc)[:1500])
         return False
+    if os.path.exists(PTXAS):
+        n = spill_bytes(kernel.asm["ptx"])
+        if n:
+            types = {k: v for k, v in ptrs.items() if k in ("src_ptr", "dst_ptr", "mat_ptr", "out_ptr")}
+            spills.append(f"{n:6d} B/thread spilled: {fn.__name__} {num_warps} warps {consts} {types}")
+    return True
 
 ok, ty, idx = True, {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}, "*i64"
 plan = {"sorted_slots_ptr": idx, "block_expert_ptr": idx, "block_start_ptr": idx, "block_end_ptr": idx}
-for (xd, md), br in itertools.product([("bf16", "bf16"), ("fp16", "fp16"), ("fp32", "fp32"), ("bf16", "fp32")],
-                                      [16, 32, 64, 256]):
+# every config the launchers pick (their own config functions), at ranks 8 to 256
+for (xd, md), r in itertools.product([("bf16", "bf16"), ("fp16", "fp16"), ("fp32", "fp32"), ("bf16", "fp32")],
+                                     [8, 32, 64, 128, 256]):
+    br = K._rank_block(r)
     f32 = not (xd == md and xd != "fp32")
-    nw = K._num_warps(br)
+    bk, nw = K._config(K._SHRINK_CONFIGS, f32, br)
     for fuse in (False, True):
-        ok &= compile_(K._shrink_kernel, dict(FUSE_GATE_GRAD=fuse, DOT_FP32=f32, BLOCK_M=64, BLOCK_R=br, BLOCK_K=64),
+        ok &= compile_(K._shrink_kernel, dict(FUSE_GATE_GRAD=fuse, DOT_FP32=f32, BLOCK_M=64, BLOCK_R=br, BLOCK_K=bk),
                        dict(plan, src_ptr=ty[xd], mat_ptr=ty[md]), nw)
-    ok &= compile_(K._grouped_expand_kernel, dict(DOT_FP32=f32, BLOCK_M=64, BLOCK_N=64, BLOCK_R=br),
+        for bt in (16, 64):  # the plan-free (small T) kernels, smallest and largest token tile
+            ok &= compile_(K._token_shrink_kernel, dict(FUSE_GATE_GRAD=fuse, DOT_FP32=f32, BLOCK_T=bt, BLOCK_R=br,
+                                                        BLOCK_K=bk), dict(src_ptr=ty[xd], mat_ptr=ty[md], index_ptr=idx), nw)
+    chunk, chunks, nw = K._expand_config(r, grouped=True)
+    ok &= compile_(K._grouped_expand_kernel, dict(DOT_FP32=f32, BLOCK_M=64, BLOCK_N=64, BLOCK_R=chunk, RANK_CHUNKS=chunks),
                    dict(plan, dst_ptr=ty[xd], mat_ptr=ty[md]), nw)
-    ok &= compile_(K._wgrad_kernel, dict(DOT_FP32=xd == "fp32", BLOCK_M=64, BLOCK_N=64, BLOCK_R=br),
+    chunk, chunks, nw = K._expand_config(r, grouped=False)
+    for bt in (16, 64):
+        ok &= compile_(K._expand_kernel, dict(DOT_FP32=f32, BLOCK_T=bt, BLOCK_N=64, BLOCK_R=chunk, RANK_CHUNKS=chunks),
+                       dict(dst_ptr=ty[xd], mat_ptr=ty[md], index_ptr=idx), nw)
+    step, nw = K._config(K._WGRAD_CONFIGS, xd == "fp32", br)
+    ok &= compile_(K._wgrad_kernel, dict(DOT_FP32=xd == "fp32", BLOCK_M=step, BLOCK_N=64, BLOCK_R=br),
                    dict(src_ptr=ty[xd], out_ptr=ty[md], sorted_slots_ptr=idx, expert_start_ptr=idx,
                         expert_count_ptr=idx), nw)
-    for bt in (16, 64):  # the plan-free (small T) kernels, smallest and largest token tile
-        for fuse in (False, True):
-            ok &= compile_(K._token_shrink_kernel, dict(FUSE_GATE_GRAD=fuse, DOT_FP32=f32, BLOCK_T=bt, BLOCK_R=br,
-                                                        BLOCK_K=64), dict(src_ptr=ty[xd], mat_ptr=ty[md], index_ptr=idx), nw)
-        ok &= compile_(K._expand_kernel, dict(DOT_FP32=f32, BLOCK_T=bt, BLOCK_N=64, BLOCK_R=br),
-                       dict(dst_ptr=ty[xd], mat_ptr=ty[md], index_ptr=idx), nw)
-        ok &= compile_(K._token_wgrad_kernel, dict(DOT_FP32=xd == "fp32", BLOCK_T=bt, BLOCK_N=64, BLOCK_R=br),
-                       dict(src_ptr=ty[xd], out_ptr=ty[md], index_ptr=idx), nw)
+    ok &= compile_(K._token_wgrad_kernel, dict(DOT_FP32=xd == "fp32", BLOCK_T=step, BLOCK_N=64, BLOCK_R=br),
+                   dict(src_ptr=ty[xd], out_ptr=ty[md], index_ptr=idx), nw)
 for e_pad in (16, 128, 1024):  # the routing plan, E = 8, 64, 512 (sub as GroupPlan picks it)
-    sub = max(16, min(1024, K._PLAN_TILE // e_pad))
-    ok &= compile_(K._plan_histogram_kernel, dict(E_PAD=e_pad, SUB=sub), dict(index_ptr=idx, hist_ptr=idx))
-    ok &= compile_(K._plan_scatter_kernel, dict(BLOCK_M=64, E_PAD=e_pad, SUB=sub, HIST_ROWS=max(2, K._PLAN_TILE // e_pad), BLOCK_B=64),
+    tiles = K._plan_config(e_pad)
+    ok &= compile_(K._plan_histogram_kernel, dict(E_PAD=e_pad, SUB=tiles["SUB"]), dict(index_ptr=idx, hist_ptr=idx))
+    ok &= compile_(K._plan_scatter_kernel, dict(BLOCK_M=64, E_PAD=e_pad, **tiles),
                    {n: idx for n in K._plan_scatter_kernel.arg_names if n.endswith("_ptr")})
 for be, bt, bk in [(4, 64, 1), (8, 64, 2), (512, 8, 64)]:
     ok &= compile_(R._topk_route_kernel, dict(RENORMALIZE=True, BLOCK_T=bt, BLOCK_E=be, BLOCK_K=bk),
                    dict(logits_ptr="*bf16", index_ptr=idx))
+print(f"triton spills (ptxas -v, sm_90a): {len(spills)} configs spill")
+print("\n".join(sorted(spills, reverse=True)))
 print("triton kernels compile for sm_90" if ok else "TRITON COMPILE FAILED")
 sys.exit(0 if ok else 1)
 '

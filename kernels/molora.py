@@ -50,10 +50,33 @@ def _token_block(T: int) -> int:
     return min(64, max(16, triton.next_power_of_2(T)))
 
 
-def _num_warps(block_r: int) -> int:
-    # ptxas -v for sm_90 (bf16, 4 warps): shrink spills 276 B/thread at BLOCK_R = 64 and 2.8 KB
-    # at 256, expand 768 B / 2 KB; 8 warps: 0 B at 64, ~750 B at 256. Untimed: tune on the GPU.
-    return 8 if block_r >= 64 else 4
+# Launch configs, as data. Shrink and weight gradient: keyed by whether the dot runs as fp32
+# FMA (DOT_FP32) and by the padded rank, (inner tile, num_warps); the inner tile is BLOCK_K for
+# the shrinks and the slots (tokens) per step for the weight gradients. Each is the largest
+# tile with no register spill in `ptxas -v` for sm_90a (.ci/gpu_check.sh preflight lists any
+# spill), except fp32 at rank 256 and 16-bit shrink at 256 (<= 0.3 KB); untimed: retune on a GPU.
+_SHRINK_CONFIGS = {
+    False: {16: (64, 4), 32: (64, 8), 64: (64, 8), 128: (32, 8), 256: (16, 8)},
+    True: {16: (32, 4), 32: (32, 4), 64: (16, 8), 128: (16, 8), 256: (16, 8)},
+}
+_WGRAD_CONFIGS = {
+    False: {16: (64, 4), 32: (64, 4), 64: (64, 8), 128: (32, 8), 256: (32, 8)},
+    True: {16: (32, 4), 32: (32, 8), 64: (32, 8), 128: (16, 8), 256: (16, 8)},
+}
+# The expands walk the rank in chunks (16 wide up to r = 256, then at most 16 chunks), so
+# registers stay bounded at any r; warps in _expand_config, spill-free by the same check.
+_EXPAND_MAX_CHUNKS = 16
+
+
+def _config(table: dict, dot_fp32: bool, block_r: int) -> tuple[int, int]:
+    return table[dot_fp32][min(block_r, 256)]
+
+
+def _expand_config(R: int, grouped: bool) -> tuple[int, int, int]:
+    """(chunk width, number of chunks, num_warps) covering rank R in an expand."""
+    chunk = max(16, _rank_block(R) // _EXPAND_MAX_CHUNKS)
+    chunks = triton.cdiv(R, chunk)
+    return chunk, chunks, 4 if chunks <= (1 if grouped else 2) else 8
 
 
 # Triton's interpreter multiplies bfloat16 tiles as their raw uint16 bits (triton 3.6-3.9), so
@@ -158,12 +181,20 @@ def _plan_scatter_kernel(
         tl.store(block_end_ptr + b, row_end, mask=b_mask)
 
 
+def _plan_config(e_pad: int) -> dict:
+    """Tiles of the plan kernels for E_PAD buckets: slots per step, histogram rows per load,
+    blocks per table tile; each [tile, E_PAD] spill-free by ptxas -v for sm_90a."""
+    return dict(SUB=max(16, min(1024, _PLAN_TILE // e_pad)), HIST_ROWS=max(2, _PLAN_TILE // e_pad),
+                BLOCK_B=max(16, min(64, 2048 // e_pad)))
+
+
 class GroupPlan:
     def __init__(self, expert_indices: torch.Tensor, num_experts: int, block_m: int = GROUP_BLOCK_M):
         flat = expert_indices.reshape(-1)
         S, E = flat.numel(), num_experts
         e_pad = triton.next_power_of_2(E + 1)  # bucket E: no expert
-        sub = max(16, min(1024, _PLAN_TILE // e_pad))
+        tiles = _plan_config(e_pad)
+        sub = tiles["SUB"]
         num_chunks = max(1, min(_PLAN_MAX_CHUNKS, triton.cdiv(S, sub)))
         chunk_len = triton.cdiv(triton.cdiv(max(S, 1), num_chunks), sub) * sub
         num_chunks = max(1, triton.cdiv(S, chunk_len))
@@ -182,7 +213,7 @@ class GroupPlan:
             flat, hist, self.sorted_slots, self.expert_start, self.expert_count,
             self.block_expert, self.block_start, self.block_end,
             S, E, chunk_len, num_chunks, max_blocks,
-            BLOCK_M=block_m, E_PAD=e_pad, SUB=sub, HIST_ROWS=max(2, _PLAN_TILE // e_pad), BLOCK_B=64,
+            BLOCK_M=block_m, E_PAD=e_pad, **tiles,
         )
         self.num_blocks = max_blocks
         self.block_m = block_m
@@ -302,7 +333,7 @@ def _expand_kernel(
     mat_ptr, stride_mat_e, stride_mat_n, stride_mat_i,  # mat[e, n, i]: [E, N, R]
     T, N, R, num_slots_per_token, num_experts, scaling,
     DOT_FP32: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, RANK_CHUNKS: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -310,34 +341,38 @@ def _expand_kernel(
     t_mask = offs_t < T
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
-    offs_r = tl.arange(0, BLOCK_R)
-    r_mask = offs_r < R
     acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
     for expert in range(0, num_experts):
-        # sum of g * v over the slots of each row routed to this expert (ids may repeat)
-        mixed = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
         hits = tl.zeros((BLOCK_T,), dtype=tl.int32)
         for j in range(0, num_slots_per_token):
-            slot = offs_t * num_slots_per_token + j
-            ids = tl.load(index_ptr + slot, mask=t_mask, other=-1)
-            sel = t_mask & (ids == expert)
-            gate = tl.load(gate_ptr + slot, mask=sel, other=0.0)
-            vec = tl.load(
-                vec_ptr + slot[:, None] * R + offs_r[None, :],
-                mask=sel[:, None] & r_mask[None, :], other=0.0,
-            )
-            mixed += vec * gate[:, None]
-            hits += sel.to(tl.int32)
+            ids = tl.load(index_ptr + offs_t * num_slots_per_token + j, mask=t_mask, other=-1)
+            hits += (t_mask & (ids == expert)).to(tl.int32)
         if tl.max(hits, axis=0) > 0:  # skip experts no row of this tile uses
-            mat = tl.load(
-                mat_ptr + tl.cast(expert, tl.int64) * stride_mat_e + offs_r[:, None] * stride_mat_i
-                + offs_n[None, :] * stride_mat_n,
-                mask=r_mask[:, None] & n_mask[None, :], other=0.0,
-            )
-            if DOT_FP32:
-                acc += tl.dot(mixed, mat.to(tl.float32), input_precision="ieee")
-            else:
-                acc += tl.dot(mixed.to(mat.dtype), mat)
+            # rank in chunks of BLOCK_R: registers stay bounded whatever r is
+            for c in tl.static_range(RANK_CHUNKS):
+                offs_r = c * BLOCK_R + tl.arange(0, BLOCK_R)
+                r_mask = offs_r < R
+                # sum of g * v over the slots of each row routed to this expert (ids may repeat)
+                mixed = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
+                for j in range(0, num_slots_per_token):
+                    slot = offs_t * num_slots_per_token + j
+                    ids = tl.load(index_ptr + slot, mask=t_mask, other=-1)
+                    sel = t_mask & (ids == expert)
+                    gate = tl.load(gate_ptr + slot, mask=sel, other=0.0)
+                    vec = tl.load(
+                        vec_ptr + slot[:, None] * R + offs_r[None, :],
+                        mask=sel[:, None] & r_mask[None, :], other=0.0,
+                    )
+                    mixed += vec * gate[:, None]
+                mat = tl.load(
+                    mat_ptr + tl.cast(expert, tl.int64) * stride_mat_e + offs_r[:, None] * stride_mat_i
+                    + offs_n[None, :] * stride_mat_n,
+                    mask=r_mask[:, None] & n_mask[None, :], other=0.0,
+                )
+                if DOT_FP32:
+                    acc += tl.dot(mixed, mat.to(tl.float32), input_precision="ieee")
+                else:
+                    acc += tl.dot(mixed.to(mat.dtype), mat)
     dst = dst_ptr + offs_t[:, None] * stride_dst_t + offs_n[None, :]
     dst_mask = t_mask[:, None] & n_mask[None, :]
     base = tl.load(dst, mask=dst_mask, other=0.0)
@@ -353,7 +388,7 @@ def _grouped_expand_kernel(
     sorted_slots_ptr, block_expert_ptr, block_start_ptr, block_end_ptr,
     N, R, scaling,
     DOT_FP32: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, RANK_CHUNKS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -367,20 +402,22 @@ def _grouped_expand_kernel(
     slots = tl.load(sorted_slots_ptr + rows, mask=row_mask, other=0).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
-    offs_r = tl.arange(0, BLOCK_R)
-    r_mask = offs_r < R
     gate = tl.load(gate_ptr + slots, mask=row_mask, other=0.0)
-    vec = tl.load(vec_ptr + slots[:, None] * R + offs_r[None, :],
-                  mask=row_mask[:, None] & r_mask[None, :], other=0.0) * gate[:, None]
-    mat = tl.load(
-        mat_ptr + expert.to(tl.int64) * stride_mat_e + offs_r[:, None] * stride_mat_i
-        + offs_n[None, :] * stride_mat_n,
-        mask=r_mask[:, None] & n_mask[None, :], other=0.0,
-    )
-    if DOT_FP32:
-        acc = tl.dot(vec, mat.to(tl.float32), input_precision="ieee")
-    else:
-        acc = tl.dot(vec.to(mat.dtype), mat)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for c in tl.static_range(RANK_CHUNKS):  # rank in chunks: registers stay bounded whatever r is
+        offs_r = c * BLOCK_R + tl.arange(0, BLOCK_R)
+        r_mask = offs_r < R
+        vec = tl.load(vec_ptr + slots[:, None] * R + offs_r[None, :],
+                      mask=row_mask[:, None] & r_mask[None, :], other=0.0) * gate[:, None]
+        mat = tl.load(
+            mat_ptr + expert.to(tl.int64) * stride_mat_e + offs_r[:, None] * stride_mat_i
+            + offs_n[None, :] * stride_mat_n,
+            mask=r_mask[:, None] & n_mask[None, :], other=0.0,
+        )
+        if DOT_FP32:
+            acc += tl.dot(vec, mat.to(tl.float32), input_precision="ieee")
+        else:
+            acc += tl.dot(vec.to(mat.dtype), mat)
     dst = dst_ptr + slots[:, None] * stride_dst_t + offs_n[None, :]  # slot == token when k = 1
     dst_mask = row_mask[:, None] & n_mask[None, :]
     base = tl.load(dst, mask=dst_mask, other=0.0)
@@ -488,8 +525,10 @@ def _shrink(src, mat, strides, out, indices, plan, *, h=None, grad_gate=None, sc
     k = indices.shape[1]
     R = out.shape[-1]
     fuse = h is not None
-    common = dict(FUSE_GATE_GRAD=fuse, DOT_FP32=_dot_in_fp32(src.dtype, mat.dtype),
-                  BLOCK_R=_rank_block(R), BLOCK_K=64, num_warps=_num_warps(_rank_block(R)))
+    dot_fp32 = _dot_in_fp32(src.dtype, mat.dtype)
+    block_k, warps = _config(_SHRINK_CONFIGS, dot_fp32, _rank_block(R))
+    common = dict(FUSE_GATE_GRAD=fuse, DOT_FP32=dot_fp32, BLOCK_R=_rank_block(R), BLOCK_K=block_k,
+                  num_warps=warps)
     gate_args = (h if fuse else out, grad_gate if fuse else out, scaling)
     if plan is None:
         block_t = _token_block(T)
@@ -512,9 +551,11 @@ def _expand(dst, vec, gates, indices, mat, strides, scaling, plan):
     R = vec.shape[-1]
     E = mat.shape[0]
     block_n = 64
+    grouped = k == 1 and plan is not None
+    chunk, chunks, warps = _expand_config(R, grouped)
     common = dict(DOT_FP32=_dot_in_fp32(mat.dtype, dst.dtype),  # fp32 dst: no 16-bit rounding of h / u
-                  BLOCK_N=block_n, BLOCK_R=_rank_block(R), num_warps=_num_warps(_rank_block(R)))
-    if k == 1 and plan is not None:
+                  BLOCK_N=block_n, BLOCK_R=chunk, RANK_CHUNKS=chunks, num_warps=warps)
+    if grouped:
         _grouped_expand_kernel[(plan.num_blocks, triton.cdiv(N, block_n))](
             dst, dst.stride(0), vec, gates,
             mat, *strides,
@@ -537,20 +578,21 @@ def _wgrad(src, vec, gates, indices, plan, out, strides, scaling):
     R = vec.shape[-1]
     E = out.shape[0]
     block_n = 64
-    common = dict(DOT_FP32=_dot_in_fp32(src.dtype), BLOCK_N=block_n, BLOCK_R=_rank_block(R),
-                  num_warps=_num_warps(_rank_block(R)))
+    dot_fp32 = _dot_in_fp32(src.dtype)
+    step, warps = _config(_WGRAD_CONFIGS, dot_fp32, _rank_block(R))
+    common = dict(DOT_FP32=dot_fp32, BLOCK_N=block_n, BLOCK_R=_rank_block(R), num_warps=warps)
     grid = (E, triton.cdiv(N, block_n))
     if plan is None:
         _token_wgrad_kernel[grid](
             src, src.stride(0), vec, gates, indices, out, *strides,
-            T, N, R, k, scaling, BLOCK_T=_token_block(T), **common,
+            T, N, R, k, scaling, BLOCK_T=min(step, _token_block(T)), **common,
         )
         return
     _wgrad_kernel[grid](
         src, src.stride(0), vec, gates,
         plan.sorted_slots, plan.expert_start, plan.expert_count,
         out, *strides,
-        N, R, k, scaling, BLOCK_M=plan.block_m, **common,
+        N, R, k, scaling, BLOCK_M=step, **common,
     )
 
 
