@@ -326,6 +326,13 @@ for e_pad in (16, 128, 1024):  # the routing plan, E = 8, 64, 512 (sub as GroupP
     ok &= compile_(K._plan_histogram_kernel, dict(E_PAD=e_pad, SUB=tiles["SUB"]), dict(index_ptr=idx, hist_ptr=idx))
     ok &= compile_(K._plan_scatter_kernel, dict(BLOCK_M=64, E_PAD=e_pad, **tiles),
                    {n: idx for n in K._plan_scatter_kernel.arg_names if n.endswith("_ptr")})
+# the expert-id check must keep its device-side assert (debug on for that kernel alone)
+ids_check = triton.compile(ASTSource(R._ids_in_range_kernel, {"index_ptr": idx, "n": "i32", "num_experts": "i32",
+                                                               "BLOCK": "constexpr"}, constexprs={"BLOCK": 1024}),
+                           target=GPUTarget("cuda", 90, 32), options=dict(debug=bool(R._ids_in_range_kernel.debug)))
+if "__assertfail" not in ids_check.asm["ptx"]:
+    print("FAILED _ids_in_range_kernel: no __assertfail in its PTX")
+    ok = False
 for be, bt, bk in [(4, 64, 1), (8, 64, 2), (512, 8, 64)]:
     ok &= compile_(R._topk_route_kernel, dict(RENORMALIZE=True, BLOCK_T=bt, BLOCK_E=be, BLOCK_K=bk),
                    dict(logits_ptr="*bf16", index_ptr=idx))

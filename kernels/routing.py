@@ -85,3 +85,21 @@ def topk_route(logits: torch.Tensor, k: int, renormalize: bool, empty_expert: bo
             BLOCK_K=triton.next_power_of_2(k),
         )
     return probs, indices, weights
+
+
+# `debug=True` on this kernel alone: it is what makes tl.device_assert fire (the op kernels stay
+# without Triton's debug checks).
+@triton.jit(debug=True)
+def _ids_in_range_kernel(index_ptr, n, num_experts, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ids = tl.load(index_ptr + offs, mask=offs < n, other=0)
+    tl.device_assert((ids >= -1) & (ids < num_experts), "moelora: expert_indices out of range [-1, E)")
+
+
+def assert_ids_in_range(expert_indices: torch.Tensor, num_experts: int) -> None:
+    """Device-side assert that every id lies in [-1, E): one launch and no host sync, where
+    torch's elementwise compare, reduce and _assert_async take five."""
+    flat = expert_indices.reshape(-1)
+    block = 1024
+    with torch.cuda.device(flat.device) if flat.is_cuda else contextlib.nullcontext():
+        _ids_in_range_kernel[(triton.cdiv(flat.numel(), block),)](flat, flat.numel(), num_experts, BLOCK=block)

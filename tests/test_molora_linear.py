@@ -426,6 +426,36 @@ def test_cuda_graph_capture(backend, T):
     torch.testing.assert_close(static_out, run())
 
 
+_BAD_IDS_ON_GPU = """
+import sys, torch, moelora
+x = torch.randn(8, 16, device="cuda")
+w = torch.randn(16, 16, device="cuda")
+a, b = torch.randn(3, 4, 16, device="cuda"), torch.randn(3, 16, 4, device="cuda")
+ids = torch.zeros(8, 2, dtype=torch.long, device="cuda")
+ids[5, 1] = int(sys.argv[2])
+y = moelora.molora_linear(x, w, None, a, b, ids, torch.ones(8, 2, device="cuda"), backend=sys.argv[1])
+torch.cuda.synchronize()
+print("no error")
+"""
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bad_id", [3, -2])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_out_of_range_ids_fail_on_gpu(backend, bad_id):
+    """Without MOELORA_DEBUG the id check is a device-side assert (no host sync): the process
+    must die with it rather than compute with a bad id. In a subprocess: it poisons the context."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, MOELORA_DEBUG="0")
+    run = subprocess.run([sys.executable, "-c", _BAD_IDS_ON_GPU, backend, str(bad_id)], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode != 0 and "no error" not in run.stdout, run.stdout + run.stderr
+    assert "assert" in run.stderr.lower(), run.stderr[-2000:]
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_gpu_model_sized(backend):
@@ -471,6 +501,29 @@ def test_bad_input_is_named(name, corrupt, exc, match):
     p[name] = corrupt(p)
     with pytest.raises(exc, match=match):
         moelora.molora_linear(**p)
+
+
+def test_triton_id_check_falls_back_to_torch_once(monkeypatch):
+    """A Triton that cannot compile the one-launch id check (say, for an unsupported GPU) costs a
+    warning and torch's check from then on, never the call."""
+    import importlib
+    import types
+
+    op = importlib.import_module("moelora.ops.molora_linear")  # the module, not the function
+
+    calls = []
+
+    def broken(ids, num_experts):
+        calls.append(num_experts)
+        raise RuntimeError("no compiler for this GPU")
+
+    monkeypatch.setattr(op, "_triton_id_check_failed", False)
+    monkeypatch.setattr(op, "triton_kernels", lambda name: types.SimpleNamespace(assert_ids_in_range=broken))
+    ids = torch.zeros(3, 2, dtype=torch.long)
+    with pytest.warns(RuntimeWarning, match="checking expert ids with torch ops instead"):
+        assert op._triton_id_check(ids, 4) is False
+    assert op._triton_id_check(ids, 4) is False  # not tried again
+    assert calls == [4]
 
 
 def test_device_mismatch_is_named():

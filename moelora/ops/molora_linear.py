@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from moelora.ops.backends import BACKENDS, accumulate_dtype, resolve_backend
+from moelora.ops.backends import BACKENDS, accumulate_dtype, resolve_backend, triton_kernels
 
 __all__ = ["molora_linear"]
 
@@ -102,8 +103,9 @@ def _validate(x, weight, bias, lora_a, lora_b, expert_indices, expert_weights, s
 
 def _check_expert_range(expert_indices: Tensor, num_experts: int) -> None:
     """Ids must lie in [-1, E). Always checked on CPU; on GPU a host sync would stall the
-    stream, so the check is asynchronous (a device-side assert) unless MOELORA_DEBUG=1 asks
-    for the synchronous ValueError. Skipped while tracing, where values are unknown."""
+    stream, so the check is asynchronous (a device-side assert: one Triton launch, or five
+    torch ones without Triton) unless MOELORA_DEBUG=1 asks for the synchronous ValueError.
+    Skipped while tracing, where values are unknown."""
     if expert_indices.numel() == 0 or torch.compiler.is_compiling():
         return
     if expert_indices.device.type == "cpu" or os.environ.get("MOELORA_DEBUG", "0") == "1":
@@ -113,9 +115,31 @@ def _check_expert_range(expert_indices: Tensor, num_experts: int) -> None:
                 f"expert_indices must lie in [-1, {num_experts}) (E = {num_experts}, -1 = no "
                 f"expert), got values in [{lo}, {hi}]"
             )
+    elif expert_indices.is_cuda and _triton_id_check(expert_indices, num_experts):
+        return
     else:
         in_range = ((expert_indices >= -1) & (expert_indices < num_experts)).all()
         torch._assert_async(in_range, "moelora: expert_indices out of range [-1, E)")
+
+
+_triton_id_check_failed = False
+
+
+def _triton_id_check(expert_indices: Tensor, num_experts: int) -> bool:
+    """The one-launch device-side check; False (and torch's check instead, warned once) where
+    Triton is missing or cannot compile for this GPU."""
+    global _triton_id_check_failed
+    routing = None if _triton_id_check_failed else triton_kernels("routing")
+    if routing is None:
+        return False
+    try:
+        routing.assert_ids_in_range(expert_indices, num_experts)
+        return True
+    except Exception as exc:  # e.g. a GPU this Triton cannot compile for
+        _triton_id_check_failed = True
+        warnings.warn(f"moelora: the Triton id check failed ({type(exc).__name__}: {exc}); "
+                      "checking expert ids with torch ops instead", RuntimeWarning, stacklevel=3)
+        return False
 
 
 # --------------------------------------------------------------------------------------------
