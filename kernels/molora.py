@@ -274,7 +274,7 @@ def _shrink_kernel(
 def _token_shrink_kernel(
     src_ptr, stride_src_t,  # src [T, K]
     mat_ptr, stride_mat_e, stride_mat_i, stride_mat_c,  # mat[e, i, c]: [E, R, K]
-    out_ptr,  # [T, k, R] fp32 (zero where not written)
+    out_ptr,  # [T, k, R] fp32, every slot written (uninitialised memory is fine)
     h_ptr, grad_gate_ptr, scaling,  # with FUSE_GATE_GRAD: dg[slot] = s * <out[slot], h[slot]>
     index_ptr,  # [T, k] int64 ids
     T, K, R, num_slots_per_token,
@@ -282,11 +282,24 @@ def _token_shrink_kernel(
     BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # program (token tile, expert): M_e src for the tile's rows routed to e, stored into each of
-    # their slots that names e. Every slot is written by the one program of its expert.
+    # their slots that names e. Every slot is written by the one program of its expert; slots
+    # naming none (-1, or an id out of range) get zeros from the tile's expert-0 program, which
+    # spares the caller a memset.
     pid_t = tl.program_id(0)
     expert = tl.program_id(1)
     offs_t = (pid_t * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
     t_mask = offs_t < T
+    offs_r = tl.arange(0, BLOCK_R)
+    r_mask = offs_r < R
+    if expert == 0:
+        for j in range(0, num_slots_per_token):
+            slot = offs_t * num_slots_per_token + j
+            ids = tl.load(index_ptr + slot, mask=t_mask, other=0)
+            none = t_mask & ((ids < 0) | (ids >= tl.num_programs(1)))
+            tl.store(out_ptr + slot[:, None] * R + offs_r[None, :],
+                     tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32), mask=none[:, None] & r_mask[None, :])
+            if FUSE_GATE_GRAD:
+                tl.store(grad_gate_ptr + slot, tl.zeros((BLOCK_T,), dtype=tl.float32), mask=none)
     hits = tl.zeros((BLOCK_T,), dtype=tl.int32)
     for j in range(0, num_slots_per_token):
         ids = tl.load(index_ptr + offs_t * num_slots_per_token + j, mask=t_mask, other=-1)
@@ -294,8 +307,6 @@ def _token_shrink_kernel(
     if tl.max(hits, axis=0) == 0:  # no row of this tile uses this expert
         return
     row_mask = hits > 0
-    offs_r = tl.arange(0, BLOCK_R)
-    r_mask = offs_r < R
     mat_base = mat_ptr + tl.cast(expert, tl.int64) * stride_mat_e
     acc = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
     for c0 in range(0, K, BLOCK_K):
@@ -596,6 +607,13 @@ def _wgrad(src, vec, gates, indices, plan, out, strides, scaling):
     )
 
 
+def _rank_buffer(plan, shape, device):
+    """fp32 output of a shrink ([T, k, r], or [T, k] for the gate gradient): the grouped shrink
+    leaves slots without an expert unwritten, so it needs zeros; the token-major one writes all."""
+    make = torch.empty if plan is None else torch.zeros
+    return make(shape, dtype=torch.float32, device=device)
+
+
 def _routing_plan(expert_indices, num_experts):
     """The grouped kernels' plan, or None where the token-major kernels serve (small T)."""
     if expert_indices.shape[0] <= PLAN_FREE_MAX_T:
@@ -636,8 +654,8 @@ def _forward(x, weight, bias, lora_a, lora_b, expert_indices, expert_weights, sc
     E, r, _ = lora_a.shape
     k = expert_indices.shape[1]
     y = F.linear(x, weight, bias)
-    h = torch.zeros(T, k, r, dtype=torch.float32, device=x.device)
     plan = _routing_plan(expert_indices, E)
+    h = _rank_buffer(plan, (T, k, r), x.device)
     _shrink(x, lora_a, _a_as_shrink(lora_a), h, expert_indices, plan)
     _expand(y, h, expert_weights, expert_indices, lora_b, _b_as_expand(lora_b), scaling, plan)
     return y, h
@@ -656,8 +674,8 @@ def _backward(grad_out, x, weight, lora_a, lora_b, expert_indices, expert_weight
     E, r, _ = lora_a.shape
     k = expert_indices.shape[1]
     plan = _routing_plan(expert_indices, E)
-    u = torch.zeros(T, k, r, dtype=torch.float32, device=x.device)
-    grad_gates = torch.zeros(T, k, dtype=torch.float32, device=x.device)
+    u = _rank_buffer(plan, (T, k, r), x.device)
+    grad_gates = _rank_buffer(plan, (T, k), x.device)
     _shrink(grad_out, lora_b, _b_as_shrink(lora_b), u, expert_indices, plan, h=h,
             grad_gate=grad_gates, scaling=scaling)
     if compute_grad_adapters:

@@ -195,6 +195,29 @@ def test_triton_both_routings_match_reference(triton_routing, shape, dtypes):
     assert len(plans) == (0 if path == "plan-free" else 2)  # forward and backward
 
 
+@pytest.mark.parametrize("shape", [(3, 8, 8, 5, 3, 2, "none"), (5, 8, 8, 3, 2, 1, "none"),
+                                   (33, 17, 9, 1, 2, 1, "topk"), (17, 33, 21, 5, 3, 2, "duplicates")],
+                         ids=_shape_id)
+def test_triton_plan_free_writes_every_slot(shape, monkeypatch):
+    """The token-major shrink gets uninitialised h, u and gate-gradient buffers: every slot,
+    those naming no expert included, must be written. NaN stands in for whatever was there."""
+    if "triton" not in BACKENDS:
+        pytest.skip("no triton backend")
+    kernels = pytest.importorskip("moelora.kernels.molora")
+    real = kernels._rank_buffer
+    poisoned = []
+
+    def poison(plan, shape, device):
+        out = real(plan, shape, device)
+        assert plan is None  # small T: the plan-free path
+        poisoned.append(shape)
+        return out.fill_(float("nan"))
+
+    monkeypatch.setattr(kernels, "_rank_buffer", poison)
+    check_against_reference("triton", _problem(*shape), torch.float32, torch.float32)
+    assert len(poisoned) == 3  # h, u, the gate gradient
+
+
 @pytest.mark.parametrize("shape", [(17, 33, 21, 5, 3, 2, "duplicates"), (65, 65, 63, 5, 17, 1, "tenant")],
                          ids=_shape_id)
 def test_triton_both_routings_tensor_core_path(triton_routing, tensor_core_path, shape):
