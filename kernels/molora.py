@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +39,17 @@ GROUP_BLOCK_M = 64
 # Largest T served without a routing plan. At 64 a single token tile (BLOCK_T = 64) covers every
 # token, so the token-major kernels read each matrix as often as the grouped ones. Untimed on a
 # GPU; MOELORA_TRITON_PLAN_FREE_MAX_T overrides it (e.g. 0 forces the grouped kernels).
-PLAN_FREE_MAX_T = int(os.environ.get("MOELORA_TRITON_PLAN_FREE_MAX_T", "64"))
+def _env_int(name: str, default: int) -> int:
+    # a bad value must not stop the import: that would hide the whole triton backend
+    value = os.environ.get(name, "")
+    try:
+        return int(value) if value.strip() else default
+    except ValueError:
+        warnings.warn(f"moelora: {name}={value!r} is not an integer; using {default}", RuntimeWarning)
+        return default
+
+
+PLAN_FREE_MAX_T = _env_int("MOELORA_TRITON_PLAN_FREE_MAX_T", 64)
 
 
 def _rank_block(r: int) -> int:
@@ -285,8 +296,8 @@ def _token_shrink_kernel(
     # their slots that names e. Every slot is written by the one program of its expert; slots
     # naming none (-1, or an id out of range) get zeros from the tile's expert-0 program, which
     # spares the caller a memset.
-    pid_t = tl.program_id(0)
-    expert = tl.program_id(1)
+    expert = tl.program_id(0)  # experts on axis 0: no 65535 limit on E
+    pid_t = tl.program_id(1)
     offs_t = (pid_t * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
     t_mask = offs_t < T
     offs_r = tl.arange(0, BLOCK_R)
@@ -295,7 +306,7 @@ def _token_shrink_kernel(
         for j in range(0, num_slots_per_token):
             slot = offs_t * num_slots_per_token + j
             ids = tl.load(index_ptr + slot, mask=t_mask, other=0)
-            none = t_mask & ((ids < 0) | (ids >= tl.num_programs(1)))
+            none = t_mask & ((ids < 0) | (ids >= tl.num_programs(0)))
             tl.store(out_ptr + slot[:, None] * R + offs_r[None, :],
                      tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32), mask=none[:, None] & r_mask[None, :])
             if FUSE_GATE_GRAD:
@@ -543,7 +554,7 @@ def _shrink(src, mat, strides, out, indices, plan, *, h=None, grad_gate=None, sc
     gate_args = (h if fuse else out, grad_gate if fuse else out, scaling)
     if plan is None:
         block_t = _token_block(T)
-        _token_shrink_kernel[(triton.cdiv(T, block_t), mat.shape[0])](
+        _token_shrink_kernel[(mat.shape[0], triton.cdiv(T, block_t))](
             src, src.stride(0), mat, *strides, out, *gate_args, indices,
             T, K, R, k, BLOCK_T=block_t, **common,
         )

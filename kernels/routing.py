@@ -99,7 +99,7 @@ def _ids_in_range_kernel(index_ptr, n, num_experts, BLOCK: tl.constexpr):
 def assert_ids_in_range(expert_indices: torch.Tensor, num_experts: int) -> None:
     """Device-side assert that every id lies in [-1, E): one launch and no host sync, where
     torch's elementwise compare, reduce and _assert_async take five."""
-    flat = expert_indices.reshape(-1)
+    flat = expert_indices.reshape(-1).contiguous()  # the kernel reads with stride 1; a view may not have it
     block = 1024
     with torch.cuda.device(flat.device) if flat.is_cuda else contextlib.nullcontext():
         _ids_in_range_kernel[(triton.cdiv(flat.numel(), block),)](flat, flat.numel(), num_experts, BLOCK=block)

@@ -549,6 +549,42 @@ def test_triton_id_check_falls_back_to_torch_once(monkeypatch):
     assert calls == [4]
 
 
+@pytest.mark.parametrize("view", ["column", "expanded", "int32-transposed"])
+def test_triton_id_check_reads_the_logical_ids(view, monkeypatch):
+    """The one-launch id check reads with stride 1: a strided or expanded view of the ids must
+    reach it as a contiguous copy, or it checks the wrong elements (or reads past the end)."""
+    routing = pytest.importorskip("moelora.kernels.routing")
+    if view == "column":  # one column of a top-2 result: flattened stride 2
+        base = torch.zeros(8, 2, dtype=torch.long)
+        base[:, 1] = -7
+        base[7, 0] = 2
+        ids = base[:, :1]
+    elif view == "expanded":  # one adapter for every token: stride 0
+        ids = torch.full((1, 1), 2, dtype=torch.long).expand(8, 1)
+    else:
+        ids = torch.arange(-1, 3, dtype=torch.int32).repeat(2, 1).t()
+    seen = []
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(flat, n, num_experts, BLOCK):
+                seen.append(flat.is_contiguous() and torch.equal(flat, ids.reshape(-1)) and n == ids.numel())
+            return launch
+
+    monkeypatch.setattr(routing, "_ids_in_range_kernel", Spy())
+    routing.assert_ids_in_range(ids, 3)
+    assert seen == [True]
+
+
+def test_bad_triton_threshold_variable_warns_and_keeps_the_backend(monkeypatch):
+    kernels = pytest.importorskip("moelora.kernels.molora")
+    monkeypatch.setenv("MOELORA_TRITON_PLAN_FREE_MAX_T", "sixty")
+    with pytest.warns(RuntimeWarning, match="not an integer; using 64"):
+        assert kernels._env_int("MOELORA_TRITON_PLAN_FREE_MAX_T", 64) == 64
+    monkeypatch.setenv("MOELORA_TRITON_PLAN_FREE_MAX_T", "0")
+    assert kernels._env_int("MOELORA_TRITON_PLAN_FREE_MAX_T", 64) == 0
+
+
 def test_device_mismatch_is_named():
     p = _valid_kwargs()
     p["lora_b"] = p["lora_b"].to("meta")
