@@ -300,17 +300,19 @@ def _token_shrink_kernel(
     pid_t = tl.program_id(1)
     offs_t = (pid_t * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
     t_mask = offs_t < T
-    offs_r = tl.arange(0, BLOCK_R)
-    r_mask = offs_r < R
     if expert == 0:
         for j in range(0, num_slots_per_token):
             slot = offs_t * num_slots_per_token + j
             ids = tl.load(index_ptr + slot, mask=t_mask, other=0)
             none = t_mask & ((ids < 0) | (ids >= tl.num_programs(0)))
-            tl.store(out_ptr + slot[:, None] * R + offs_r[None, :],
-                     tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32), mask=none[:, None] & r_mask[None, :])
+            for r0 in range(0, R, 16):  # narrow stores: a [BLOCK_T, BLOCK_R] zero tile would spill
+                offs_z = r0 + tl.arange(0, 16)
+                tl.store(out_ptr + slot[:, None] * R + offs_z[None, :],
+                         tl.zeros((BLOCK_T, 16), dtype=tl.float32), mask=none[:, None] & (offs_z < R)[None, :])
             if FUSE_GATE_GRAD:
                 tl.store(grad_gate_ptr + slot, tl.zeros((BLOCK_T,), dtype=tl.float32), mask=none)
+    offs_r = tl.arange(0, BLOCK_R)
+    r_mask = offs_r < R
     hits = tl.zeros((BLOCK_T,), dtype=tl.int32)
     for j in range(0, num_slots_per_token):
         ids = tl.load(index_ptr + offs_t * num_slots_per_token + j, mask=t_mask, other=-1)
