@@ -1,7 +1,7 @@
 """Build script for moelora.
 
-`kernels/` (Triton) is installed as the subpackage `moelora.kernels`: a top-level module
-named `kernels` would shadow Hugging Face's `kernels` package, which transformers imports.
+The Triton kernels live inside the package (moelora/ops/<op>/triton_backend.py): never a
+top-level module named `kernels`, which would shadow Hugging Face's `kernels` package.
 
 The compiled extension `moelora._C` (csrc/) is optional: the package imports and works without
 it (the `cpu` / `cuda` backends then report themselves unavailable). Build switches, read from
@@ -36,9 +36,12 @@ from setuptools.command.build_py import build_py as _setuptools_build_py
 ROOT = os.path.dirname(os.path.abspath(__file__))
 BUILD_INFO = os.path.join("moelora", "_build_info.py")
 
-CPU_SOURCES = ["csrc/bindings.cpp", "csrc/cpu/molora_cpu.cpp", "csrc/cpu/kernels.cpp"]
-CUDA_SOURCES = ["csrc/cuda/molora_cuda.cu"]
-HEADERS = ["csrc/molora.h", "csrc/cpu/kernels.h", "csrc/cpu/kernels_impl.h"]
+# csrc/README.md: how the sources are laid out and how to add a kernel.
+CPU_SOURCES = ["csrc/bindings.cpp", "csrc/molora_linear/schema.cpp",
+               "csrc/molora_linear/cpu/molora_cpu.cpp", "csrc/molora_linear/cpu/kernels.cpp"]
+CUDA_SOURCES = ["csrc/molora_linear/cuda/molora_cuda.cu"]
+HEADERS = ["csrc/molora_linear/molora_linear.h", "csrc/molora_linear/cpu/kernels.h",
+           "csrc/molora_linear/cpu/kernels_impl.h"]
 
 
 def _switch(name: str) -> str:
@@ -250,8 +253,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     # Found, not listed: a hand-kept list once left new subpackages out of the wheel.
-    packages=["moelora", *(f"moelora.{p}" for p in find_packages("moelora")), "moelora.kernels"],
-    package_dir={"moelora": "moelora", "moelora.kernels": "kernels"},
+    packages=["moelora", *(f"moelora.{p}" for p in find_packages("moelora"))],
+    package_data={"moelora": ["ops/*/configs/*.json"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     install_requires=[

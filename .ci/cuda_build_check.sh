@@ -51,7 +51,7 @@ work=$(mktemp -d /tmp/moelora-cuda-build.XXXXXX)
 trap 'rm -rf "$work"' EXIT
 mkdir -p "$work/src"
 cp -r "$repo/setup.py" "$repo/pyproject.toml" "$repo/README.md" "$repo/csrc" "$repo/moelora" \
-  "$repo/kernels" "$work/src/"
+  "$work/src/"
 find "$work/src" \( -name '*.so' -o -name '__pycache__' -o -name '_build_info.py' \) -prune -exec rm -rf {} +
 log "building wheel (archs $MOELORA_CUDA_ARCHS, MAX_JOBS=$MAX_JOBS)"
 build_start=$(date +%s)
@@ -105,16 +105,17 @@ log "device code for $MOELORA_CUDA_ARCHS present (.nv_fatbin $(( 16#$fatbin_hex 
 (cd "$work/unpacked" && "$py" - <<'PY'
 import torch
 import moelora
-from moelora import extension
+from moelora.ops import extension
 assert extension.load(), "moelora._C did not load"
-for op in ("cpu_forward", "cpu_backward", "cuda_forward", "cuda_backward"):
-    assert hasattr(torch.ops.moelora, op), op
+for op in ("molora_linear_native_fwd", "molora_linear_native_bwd"):
+    for key in ("CPU", "CUDA"):
+        assert extension.has_kernel(op, key), (op, key, extension.unavailable_reason(op, key))
 x = torch.randn(5, 8); w = torch.randn(6, 8); a = torch.randn(2, 3, 8); b = torch.randn(2, 6, 3)
 ids = torch.tensor([[0, -1]] * 5); g = torch.rand(5, 2)
 y = moelora.molora_linear(x, w, None, a, b, ids, g, 0.5, backend="cpu")
 ref = moelora.reference.molora_linear_ref(x, w, None, a, b, ids, g, 0.5)
 assert torch.allclose(y, ref, atol=1e-5), (y - ref).abs().max()
-print("cuda_build_check: import ok, ops", [o for o in dir(torch.ops.moelora) if o.startswith(("cpu_", "cuda_"))])
+print("cuda_build_check: import ok, native ops with CPU and CUDA kernels")
 PY
 )
 log "OK in $(elapsed)s"

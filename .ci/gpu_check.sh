@@ -15,7 +15,7 @@
 #             test_expert_logprobs, test_routing (pytest-xdist when there) (~3-6 min, JIT-bound)
 #   tests     the rest of tests/
 #   memcheck  compute-sanitizer memcheck on the kernel tests (triton and cuda backends)
-#   bench     perf.md's cases (no sweeps), 2 passes -> $OUT/<gpu>-<stamp>.json/.md/.png;
+#   bench     docs/perf.md's cases (no sweeps), 2 passes -> $OUT/<gpu>-<stamp>.json/.md/.png;
 #             ~6-9 min estimated: cut short at the deadline by SIGINT, the record keeps the
 #             cases that finished (pass 1 whole, pass 2 in part); BENCH_CASES picks others
 #   sweep     the sweep cases, 2 passes -> the same three files (~4-5 min; SWEEP_CASES)

@@ -1,10 +1,10 @@
-"""The benchmark cases: perf.md's table at three sizes, and the sweeps behind the plot.
+"""The benchmark cases: docs/perf.md's table at three sizes, and the sweeps behind the plot.
 
 One list of cases (`_cases`) is instantiated at one of three sizes:
 
-    gpu    perf.md's shapes (bf16)
+    gpu    docs/perf.md's shapes (bf16)
     cpu    the same cases shrunk to finish in minutes on 2 cores (fp32); the `cpu` case keeps
-           perf.md's exact CPU-backend shape
+           docs/perf.md's exact CPU-backend shape
     quick  tiny shapes for smoke tests (seconds)
 
 `work(case)` gives each case's floor (FLOPs and bytes), the yardstick of benchmarks/NOTES.md.
@@ -26,7 +26,7 @@ SCALING = 2.0
 @dataclass(frozen=True)
 class Case:
     name: str
-    op: str  # "molora" (spec §1) or "logprobs" (spec §5: per-expert heads log-probs)
+    op: str  # "molora" (docs/spec.md §1) or "logprobs" (docs/spec.md §5: per-expert heads log-probs)
     shape: dict  # molora: T, d_in, d_out, E, r, k; logprobs: T, d, V, K
     modes: tuple[str, ...]
     title: str  # what the case stands for
@@ -34,7 +34,7 @@ class Case:
     dtype: torch.dtype | None = None  # None: the suite's dtype for the device
     graph: bool = False  # decode: time the replay of a CUDA graph of the call (on GPU)
     sweep: tuple[str, int] | None = None  # (axis, value) of a sweep point, for the plot
-    target: str = ""  # perf.md's target, as a ratio over the floor
+    target: str = ""  # docs/perf.md's target, as a ratio over the floor
 
     @property
     def train(self) -> bool:
@@ -57,7 +57,7 @@ _SIZES = {
                 sweep_Er=((4, 8), (8, 16), (16, 16), (32, 16), (64, 16)), sweep_Er_T=8192),
     "cpu": dict(T=1024, d=1024, decode=(1, 16, 64), tenant=(1024, 64), fine=(64, 8),
                 # logits (fp32 [T, K, V] = 128 MiB) dominate the heads' gradient (16 MiB), as at
-                # perf.md's size; a smaller T let the heads' gradient hide the logits' memory
+                # docs/perf.md's size; a smaller T let the heads' gradient hide the logits' memory
                 logprobs=dict(T=2048, d=256, V=4096, K=4),
                 sweep_T=(16, 64, 256, 1024),
                 sweep_Er=((4, 8), (8, 16), (16, 16), (32, 16), (64, 16)), sweep_Er_T=256),
@@ -99,7 +99,7 @@ def _cases(profile: str) -> list[Case]:
              target="peak memory <= 1/4 of naive; time <= 1.15x the K head GEMMs"),
     ]
     if profile != "gpu":
-        # perf.md's CPU-backend row, at its exact shape (fp32, whatever the suite's dtype).
+        # docs/perf.md's CPU-backend row, at its exact shape (fp32, whatever the suite's dtype).
         cpu_shape = _molora(256, 1024, 8, 16, 2) if profile == "cpu" else _molora(16, 64, 4, 8, 2)
         cases.append(Case("cpu", "molora", cpu_shape, ("forward", "fwd+bwd"), "CPU backend target",
                           dtype=torch.float32, target=">= 2x faster than the reference loop"))
@@ -117,7 +117,7 @@ def _cases(profile: str) -> list[Case]:
 
 
 def suite(device: torch.device, quick: bool = False) -> list[Case]:
-    """The default cases for a device: perf.md's shapes on a GPU, CPU-sized ones on the CPU."""
+    """The default cases for a device: docs/perf.md's shapes on a GPU, CPU-sized ones on the CPU."""
     if quick:
         cases = _cases("quick")
         return [c for c in cases if c.name != "cpu"] if device.type == "cuda" else cases
@@ -141,7 +141,7 @@ def default_dtype(device: torch.device) -> torch.dtype:
 def work(case: Case, dtype: torch.dtype) -> dict:
     """The floor of a case's forward pass: FLOPs and the bytes that must move at least once.
 
-    molora (perf.md): the base GEMM 2 T d_in d_out; routed LoRA 2 T k r (d_in + d_out);
+    molora (docs/perf.md): the base GEMM 2 T d_in d_out; routed LoRA 2 T k r (d_in + d_out);
     the all-experts-dense form 2 T E r (d_in + d_out). Bytes: x, W, b, y, all adapters, routing.
     Backward with W frozen adds one dX GEMM of the base's size (the fwd+bwd floor is 2x base).
     logprobs: K head GEMMs 2 T d V K; the naive form materialises [T, K, V] logits.

@@ -1,6 +1,6 @@
 """`python -m benchmarks`: run the suite for the device found, print the table, record the run.
 
-    python -m benchmarks                          the default suite (perf.md shapes on a GPU,
+    python -m benchmarks                          the default suite (docs/perf.md shapes on a GPU,
                                                   CPU-sized ones on the CPU)
     python -m benchmarks --list                   cases and contestants, nothing run
     python -m benchmarks --cases 'decode*,cpu' --modes forward --backends torch
@@ -50,7 +50,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda when there is one)")
     p.add_argument("--out", type=Path, help="output folder (default: benchmarks/results)")
     p.add_argument("--passes", type=int, help="passes over the whole suite, merged by median (default: 2, "
-                   "perf.md's 'run each case twice'; 1 with --quick)")
+                   "docs/perf.md's 'run each case twice'; 1 with --quick)")
     p.add_argument("--quick", action="store_true", help="tiny shapes and short timings, for smoke tests")
     p.add_argument("--list", action="store_true", help="list the cases and contestants, run nothing")
     args = p.parse_args(argv)

@@ -55,7 +55,7 @@ class Settings:
     backends: tuple | None = None  # moelora backends; None: those of the device type
     contestants: tuple | None = None  # contestant name patterns to keep; None: all
     modes: tuple | None = None  # overrides each case's modes
-    passes: int = 2  # passes over the whole suite (perf.md: run each case twice)
+    passes: int = 2  # passes over the whole suite (docs/perf.md: run each case twice)
 
     @classmethod
     def quick(cls, device: torch.device, **kw) -> "Settings":

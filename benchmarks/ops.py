@@ -6,17 +6,17 @@ reference's argument whose gradient they stand for. The harness checks it agains
 reference, then times it. A contestant that cannot run here, or does not compute this case,
 raises `Skip` with the reason, which becomes its row's status.
 
-The contestants of the core op (spec §1), all on the same inputs:
+The contestants of the core op (docs/spec.md §1), all on the same inputs:
 
     base linear     F.linear(x, W, b): the floor every ratio divides by (computes no LoRA)
     naive loop      the per-expert loop of PEFT-based MoE layers (MixLoRA, X-LoRA)
-    reference loop  moelora.reference.molora_linear_ref, eager (perf.md's CPU target's yardstick)
+    reference loop  moelora.reference.molora_linear_ref, eager (docs/perf.md's CPU target's yardstick)
     dense masked    every expert on every token, masked by the gates: three GEMMs
     compile(ref)    torch.compile of moelora.reference.molora_linear_ref
     peft            PEFT's own LoRA layer: plain LoRA (E = 1), and mixed-adapter batches
     moelora:<name>  moelora.molora_linear(..., backend=<name>) for each backend of the device
 
-and of the per-expert heads log-probs (spec §5, MoE-DPO):
+and of the per-expert heads log-probs (docs/spec.md §5, MoE-DPO):
 
     K head GEMMs    the K heads' logits alone: the time floor
     naive [T,K,V]   moelora's naive form (every logit materialised), the memory baseline
@@ -34,7 +34,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import moelora
-from moelora.ops.expert_logprobs import naive_expert_logprobs
+from moelora.ops import dispatch
+from moelora.ops.expert_logprobs.reference import naive_expert_logprobs
 from moelora.reference import molora_linear_ref, topk_route_ref
 
 from benchmarks.cases import SCALING, Case
@@ -150,7 +151,7 @@ def _randn(gen, device, dtype, *shape, scale=1.0):
 
 
 # --------------------------------------------------------------------------------------------
-# the core op: routed multi-LoRA linear (spec §1)
+# the core op: routed multi-LoRA linear (docs/spec.md §1)
 # --------------------------------------------------------------------------------------------
 def _molora_grads(case: Case) -> tuple[str, ...]:
     # Gates are learned only where a router makes them; plain LoRA and tenants have fixed 1s.
@@ -230,7 +231,7 @@ def naive_loop(x, weight, bias, lora_a, lora_b, expert_indices, expert_weights, 
 
 def dense_masked(x, weight, bias, lora_a, lora_b, expert_indices, expert_weights, scaling):
     """Every expert on every token, then gated: x A_all^T, scale by a dense [T, E] gate matrix,
-    then @ B_all^T (perf.md's "peer to beat at large T"). Static shapes, no host sync."""
+    then @ B_all^T (docs/perf.md's "peer to beat at large T"). Static shapes, no host sync."""
     E, r, d_in = lora_a.shape
     d_out, k = weight.shape[0], expert_indices.shape[-1]
     x2 = x.reshape(-1, d_in)
@@ -303,37 +304,44 @@ def _peft_setup(case: Case):
     return build
 
 
-# Backends benchmarked on each device type; triton on CPU only runs under its (slow)
-# interpreter, so it is measured there only when asked for by name.
-DEVICE_BACKENDS = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpu", "torch")}
+def _backend_contestants(op: str, functional: Callable, grads: Callable, device: torch.device,
+                         dtype: torch.dtype, backends: tuple | None) -> list[Contestant]:
+    """``moelora:<name>`` for each backend of ``op`` asked for (default: the device type's auto
+    order, moelora.ops.dispatch.AUTO_ORDER; triton on CPU runs only under its slow interpreter,
+    so there it is measured only when named), each implementation once: an op whose "cpu"
+    backend is its torch implementation under another name is measured as "torch"."""
+    table = dispatch.registry()[op]
+    reasons = table.reasons(device, (dtype,))
+    names = backends or dispatch.AUTO_ORDER.get(device.type, ("torch",))
+    out = []
+    for name in names:
+        backend = table.backends.get(name)
+        if backend is not None and backend.alias_of in names:
+            continue
+        if reasons[name] is None:
+            out.append(Contestant(f"moelora:{name}", _call(functional, grads, backend=name)))
+        else:
+            out.append(_unavailable(f"moelora:{name}", "unavailable", reasons[name]))
+    return out
 
 
 def _molora_contestants(device: torch.device, dtype: torch.dtype, backends: tuple | None) -> list[Contestant]:
     contestants = [
         Contestant("base linear", _call(base_linear, lambda case: ("x",)), checked=False),
         Contestant("naive loop", _call(naive_loop, _molora_grads), capturable=False),
-        # perf.md's CPU target is stated against this one: moelora.reference run eagerly
+        # docs/perf.md's CPU target is stated against this one: moelora.reference run eagerly
         # (a loop over the k slots, gathering each token's A_e and B_e)
         Contestant("reference loop", _call(molora_linear_ref, _molora_grads)),
         Contestant("dense masked", _call(dense_masked, _molora_grads)),
         Contestant("compile(ref)", _compiled(molora_linear_ref, _molora_grads)),
         Contestant("peft", _peft_setup, capturable=False),  # mixed batches index with lists
     ]
-    available = moelora.available_backends(device, dtype)
-    for name in backends or DEVICE_BACKENDS.get(device.type, ("torch",)):
-        if name in available:
-            setup = _call(moelora.molora_linear, _molora_grads, backend=name)
-            contestants.append(Contestant(f"moelora:{name}", setup))
-        else:
-            contestants.append(_unavailable(
-                f"moelora:{name}", "unavailable",
-                f"not in moelora.available_backends({device.type}, {dtype}) = {available}",
-            ))
-    return contestants
+    return contestants + _backend_contestants("molora_linear", moelora.molora_linear, _molora_grads,
+                                              device, dtype, backends)
 
 
 # --------------------------------------------------------------------------------------------
-# per-expert heads log-probs (spec §5, MoE-DPO): logp[t, k] = log_softmax(H_k h_t)[y_t]
+# per-expert heads log-probs (docs/spec.md §5, MoE-DPO): logp[t, k] = log_softmax(H_k h_t)[y_t]
 # --------------------------------------------------------------------------------------------
 def _logprob_grads(case: Case) -> tuple[str, ...]:
     return ("hidden", "heads")
@@ -363,10 +371,6 @@ def head_gemms(hidden, heads, targets):
     return F.linear(hidden, heads.reshape(K * V, d))
 
 
-# As DEVICE_BACKENDS, among the backends the op has.
-LOGPROB_BACKENDS = {"cuda": ("triton", "torch"), "cpu": ("torch",)}
-
-
 def _logprob_contestants(device: torch.device, dtype: torch.dtype, backends: tuple | None) -> list[Contestant]:
     naive = _logprobs_reference()
     contestants = [
@@ -374,11 +378,8 @@ def _logprob_contestants(device: torch.device, dtype: torch.dtype, backends: tup
         Contestant("naive [T,K,V]", _call(naive, _logprob_grads)),
         Contestant("compile(ref)", _compiled(naive, _logprob_grads)),
     ]
-    names = [n for n in backends if n in ("triton", "torch")] if backends else LOGPROB_BACKENDS.get(device.type, ("torch",))
-    for name in names:
-        setup = _call(moelora.expert_logprobs, _logprob_grads, backend=name)
-        contestants.append(Contestant(f"moelora:{name}", setup))
-    return contestants
+    return contestants + _backend_contestants("expert_logprobs", moelora.expert_logprobs, _logprob_grads,
+                                              device, dtype, backends)
 
 
 OPS: dict[str, Op] = {

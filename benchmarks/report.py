@@ -229,7 +229,7 @@ def render_markdown(rec: dict, image: str | None, level: int = 1) -> str:
     parts += [
         f"{h}# Cases",
         "",
-        "| case | shape | dtype | modes | what | target (perf.md) |",
+        "| case | shape | dtype | modes | what | target (docs/perf.md) |",
         "|---|---|---|---|---|---|",
     ]
     for c in rec["cases"]:

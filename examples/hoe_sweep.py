@@ -19,7 +19,9 @@ import time
 
 import torch
 
-from moelora.layers import HoEConfig, build_hoe, molora_layers, set_preference, tchebycheff
+from moelora.integrations import set_preference
+from moelora.layers import molora_layers
+from moelora.methods.hoe import HoEConfig, build_hoe, tchebycheff
 
 VOCAB = 96
 

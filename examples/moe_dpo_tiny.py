@@ -26,7 +26,7 @@ import torch.nn as nn
 
 from moelora.integrations import MoLoRAConfig, inject
 from moelora.layers import molora_layers
-from moelora.moe_dpo import MoEDPOModel, MoELoRADPOModel, SequenceGate
+from moelora.methods.moe_dpo import MoEDPOModel, MoELoRADPOModel, SequenceGate
 
 PAD, DOMAIN_A, DOMAIN_B, SEP = 0, 1, 2, 3
 FIRST_CONTENT = 4

@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from moelora.integrations import inject
-from moelora.layers import PMoLConfig, disable_adapters, group_mass
+from moelora.integrations import disable_adapters
+from moelora.methods.pmol import PMoLConfig, group_mass
 from moelora.losses.pmol import aux_loss
 
 VOCAB = 96

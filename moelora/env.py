@@ -32,7 +32,7 @@ def report() -> str:
     import torch
 
     import moelora
-    from moelora import extension
+    from moelora.ops import dispatch, extension
 
     lines = [
         f"moelora          {moelora.__version__} ({os.path.dirname(moelora.__file__)})",
@@ -41,6 +41,8 @@ def report() -> str:
         f"threads {torch.get_num_threads()})",
         f"triton           {_version('triton')}",
     ]
+    for name in ("transformers", "peft", "trl", "safetensors", "bitsandbytes", "torchao"):
+        lines.append(f"{name:<16} {_version(name)}")
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             cap = torch.cuda.get_device_capability(i)
@@ -61,15 +63,27 @@ def report() -> str:
     else:
         lines.append("build info       none (not built by setup.py)")
 
-    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    for dev in devices:
-        lines.append(f"backends on {dev:<4} {', '.join(moelora.available_backends(dev))}")
+    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    for op, table in dispatch.registry().items():
+        for dev in devices:
+            reasons = table.reasons(dev, (torch.float32,))
+            usable = [n for n, why in reasons.items() if why is None]
+            lines.append(f"{op} on {dev.type}: {', '.join(usable)}")
+            lines += [f"  no {n:<8} {why}" for n, why in reasons.items()
+                      if why is not None and "has no" not in why]
     switches = {k: v for k, v in sorted(os.environ.items()) if k.startswith("MOELORA_")}
     lines.append("switches         " + (", ".join(f"{k}={v}" for k, v in switches.items()) or "none set"))
     return "\n".join(lines)
 
 
-def main() -> None:
+def main(argv=None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m moelora.env",
+        description="Print what a bug report needs: versions, devices, how the compiled extension "
+                    "was built, and which backend of each op runs here (and why the others do not).")
+    parser.parse_args(argv)
     print(report())
 
 

@@ -24,8 +24,10 @@ def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     return diff if denom == 0 else diff / denom
 
 
-def bound(dtype: torch.dtype, torch_error: float) -> float:
-    return ERROR_FACTOR * torch_error + ERROR_FLOOR[dtype]
+def bound(dtype: torch.dtype, torch_error: float, *more_dtypes: torch.dtype) -> float:
+    """The allowed relative error: twice PyTorch's own, plus the floor of the least precise of
+    the dtypes involved (activations, then e.g. the adapters')."""
+    return ERROR_FACTOR * torch_error + max(ERROR_FLOOR[d] for d in (dtype, *more_dtypes))
 
 
 ROUTINGS = ("topk", "dense", "tenant", "duplicates", "none", "skewed")
@@ -36,14 +38,16 @@ def make_routing(kind: str, T: int, E: int, k: int, device) -> tuple[torch.Tenso
 
     topk: distinct ids per row with ~20% of slots -1; dense: every expert (k = E) in a random
     order; tenant: one uniform id per token (k = 1 expected); duplicates: ids drawn with
-    replacement; none: every slot -1; skewed: nearly all slots on expert 0.
+    replacement, -1 among them; none: every slot -1; skewed: nearly all slots on expert 0.
     """
     if kind in ("topk", "dense"):
         ids = torch.stack([torch.randperm(E)[:k] for _ in range(T)]) if T else torch.zeros(0, k, dtype=torch.long)
         if kind == "topk":
             ids = torch.where(torch.rand(T, k) < 0.2, -1, ids)
-    elif kind in ("tenant", "duplicates"):
+    elif kind == "tenant":
         ids = torch.randint(0, E, (T, k))
+    elif kind == "duplicates":
+        ids = torch.randint(-1, E, (T, k))
     elif kind == "none":
         ids = torch.full((T, k), -1)
     elif kind == "skewed":

@@ -10,67 +10,19 @@ name; "all-linear" is every `nn.Linear` but the output embedding. Only `nn.Linea
 are replaced (transformers' GPT-2 `Conv1D` is not supported). Nothing is patched on import.
 
 The config is any object with ``target_modules``, ``exclude_modules`` and
-``make_layer(base_layer, name) -> MoLoRALinear``: `MoLoRAConfig` (generic), `PMoLConfig`,
-`HoEConfig` (via `build_hoe`).
+``make_layer(base_layer, name) -> MoLoRALinear`` (see `moelora.integrations.config`):
+`MoLoRAConfig` (generic), `PMoLConfig`, `HoEConfig` (via `build_hoe`).
 """
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence, Union
+from typing import Callable, Optional
 
 import torch.nn as nn
 
 from moelora.layers.molora_linear import MoLoRALinear, molora_layers
 
-__all__ = ["MoLoRAConfig", "inject", "uninject", "match_target", "find_targets"]
-
-
-@dataclass
-class MoLoRAConfig:
-    """A generic mixture-of-LoRA-experts configuration for `inject`.
-
-    Attributes:
-        target_modules: module-name suffixes (e.g. ["q_proj", "v_proj"]), a regex (full match)
-            or "all-linear".
-        exclude_modules: names / regex never targeted.
-        num_experts: E experts per target.
-        r: LoRA rank.
-        lora_alpha: scaling numerator (scaling = lora_alpha / r; / sqrt(r) with rsLoRA).
-        lora_dropout: dropout on the experts' input.
-        use_rslora: rank-stabilised scaling.
-        router: "topk", "dense", "fixed", "hierarchical", or a dict {"type": ..., **kwargs}.
-        top_k: k for router "topk" (ignored otherwise unless given in a router dict).
-        empty_expert: an empty expert for router "topk".
-        noisy_router: noisy top-k for router "topk".
-        init_lora_weights: True (B = 0: the model's output is unchanged), "gaussian", False.
-        freeze_base: freeze every parameter that is not a router's or an expert's.
-    """
-
-    target_modules: Union[Sequence[str], str] = field(default_factory=lambda: ["q_proj", "v_proj"])
-    exclude_modules: Optional[Union[Sequence[str], str]] = None
-    num_experts: int = 4
-    r: int = 8
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.0
-    use_rslora: bool = False
-    router: Union[str, dict] = "topk"
-    top_k: int = 2
-    empty_expert: bool = False
-    noisy_router: bool = False
-    init_lora_weights: Union[bool, str] = True
-    freeze_base: bool = True
-
-    def router_spec(self) -> Union[str, dict]:
-        if self.router == "topk":
-            return {"type": "topk", "k": min(self.top_k, self.num_experts),
-                    "empty_expert": self.empty_expert, "noisy": self.noisy_router}
-        return self.router
-
-    def make_layer(self, base_layer: nn.Linear, name: str = "") -> MoLoRALinear:
-        return MoLoRALinear(base_layer, self.num_experts, self.r, self.lora_alpha, self.lora_dropout,
-                            use_rslora=self.use_rslora, router=self.router_spec(),
-                            init_lora_weights=self.init_lora_weights)
+__all__ = ["inject", "inject_named", "uninject", "match_target", "find_targets"]
 
 
 def _matches(patterns, name: str) -> bool:
@@ -126,10 +78,17 @@ def inject(model: nn.Module, config, *, make_layer: Optional[Callable] = None) -
     names = find_targets(model, config.target_modules, getattr(config, "exclude_modules", None))
     if not names:
         raise ValueError(f"inject: no nn.Linear module matches target_modules={config.target_modules!r}")
-    # layers injected before keep their flags (e.g. HoE's or imported adapters' frozen experts)
+    inject_named(model, names, make_layer, freeze_base=getattr(config, "freeze_base", True))
+    return model
+
+
+def inject_named(model: nn.Module, names, make_layer: Callable, *, freeze_base: bool = True) -> list:
+    """`inject` at exactly the modules ``names``; returns the new ``(name, layer)`` pairs.
+    Layers injected before keep their requires_grad flags (HoE's or imported adapters' frozen
+    experts); the new layers' experts and routers train."""
     existing = [(param, param.requires_grad) for _, layer in molora_layers(model)
                 for pname, param in layer.named_parameters() if not pname.startswith("base_layer.")]
-    if getattr(config, "freeze_base", True):
+    if freeze_base:
         flags = getattr(model, "_moelora_requires_grad", None)
         if flags is None:  # remember the first injection's flags, for uninject
             model._moelora_requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
@@ -141,15 +100,14 @@ def inject(model: nn.Module, config, *, make_layer: Optional[Callable] = None) -
         if not isinstance(layer, MoLoRALinear):
             raise TypeError(f"make_layer must return a MoLoRALinear, got {type(layer).__name__}")
         _set_submodule(model, name, layer)
-        new_layers.append(layer)
-    # trainable: the new layers' experts and routers (base_layer stays frozen)
-    for layer in new_layers:
+        new_layers.append((name, layer))
+    for _, layer in new_layers:  # base_layer stays frozen
         for pname, param in layer.named_parameters():
             if not pname.startswith("base_layer."):
                 param.requires_grad_(True)
     for param, flag in existing:
         param.requires_grad_(flag)
-    return model
+    return new_layers
 
 
 def uninject(model: nn.Module, *, merge: bool = False) -> nn.Module:

@@ -1,10 +1,14 @@
-"""nn.Modules on top of the ops: the drop-in `MoLoRALinear`, its routers, and the method
-layers of PMoL (§3), HoE (§4), Personalized Soups (§6) and MOSLIM (§7).
+"""nn.Modules on top of the ops: the drop-in `MoLoRALinear`, its routers (one file per kind in
+`routers/`) and the pooling helpers the method models share.
 
 Nothing here patches anything on import; models change only through explicit calls
-(`moelora.integrations.inject`, `build_hoe`, `load_adapters_as_experts`, ...).
+(`moelora.integrations.inject`, `moelora.methods.hoe.build_hoe`, ...). The layers import only
+from `moelora.ops`.
 """
+from moelora.layers.molora_linear import ExpertWeight, MoLoRALinear, molora_layers
+from moelora.layers.pooling import backbone_hidden_states, last_token_hidden, pool_hidden
 from moelora.layers.routers import (
+    ROUTERS,
     DenseRouter,
     FixedGateRouter,
     HierarchicalRouter,
@@ -14,30 +18,13 @@ from moelora.layers.routers import (
     anchor_mixing,
     build_router,
 )
-from moelora.layers.molora_linear import (
-    MoLoRALinear,
-    RouterState,
-    clear_router_states,
-    disable_adapters,
-    merge_layers,
-    molora_layers,
-    set_gates,
-    set_preference,
-    set_record_routing,
-    unmerge_layers,
-)
-from moelora.layers.pmol import PMoLConfig, group_mass
-from moelora.layers.hoe import HoEConfig, build_hoe, hoe_experts_from_models, task_vector_svd, tchebycheff
-from moelora.layers.soups import SoupMerge, merge_adapters, serve_soups, soup_deltas
-from moelora.layers.moslim import MultiObjectiveRewardHead, MultiObjectiveRewardModel, last_token_hidden
+
+# The routing a layer recorded for the aux losses is its router's output (num_experts set).
+RouterState = RouterOutput
 
 __all__ = [
-    "Router", "RouterOutput", "TopKRouter", "DenseRouter", "FixedGateRouter", "HierarchicalRouter",
-    "anchor_mixing", "build_router",
-    "MoLoRALinear", "RouterState", "molora_layers", "set_gates", "set_preference",
-    "set_record_routing", "clear_router_states", "disable_adapters", "merge_layers", "unmerge_layers",
-    "PMoLConfig", "group_mass",
-    "HoEConfig", "build_hoe", "hoe_experts_from_models", "task_vector_svd", "tchebycheff",
-    "SoupMerge", "merge_adapters", "serve_soups", "soup_deltas",
-    "MultiObjectiveRewardHead", "MultiObjectiveRewardModel", "last_token_hidden",
+    "MoLoRALinear", "ExpertWeight", "molora_layers",
+    "Router", "RouterOutput", "RouterState", "TopKRouter", "DenseRouter", "FixedGateRouter",
+    "HierarchicalRouter", "ROUTERS", "anchor_mixing", "build_router",
+    "pool_hidden", "last_token_hidden", "backbone_hidden_states",
 ]

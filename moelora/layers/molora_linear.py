@@ -16,13 +16,14 @@ Parameters (state-dict keys, PEFT-like with an expert dim in front):
     router.*          the router's parameters / buffers (see routers.py)
 
 After every forward in training mode (or with ``record_routing = True``), the routing is kept
-in ``layer.router_state`` (a `RouterState`) for the aux losses of `moelora.losses.pmol`.
+in ``layer.router_state`` (the router's `RouterOutput`, with ``num_experts`` set) for the aux
+losses of `moelora.losses.pmol`. Model-wide controls (gates, preferences, disabling, merging)
+are in `moelora.integrations.controls`.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
-from dataclasses import dataclass
-import contextlib
 from typing import Iterator, Optional, Sequence
 
 import torch
@@ -30,33 +31,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from moelora.layers.routers import Router, RouterOutput, build_router
+from moelora.ops.dtypes import accumulate_dtype
 from moelora.ops.molora_linear import molora_linear
-from moelora.layers.routers import Router, build_router
 
-__all__ = [
-    "MoLoRALinear",
-    "RouterState",
-    "ExpertWeight",
-    "molora_layers",
-    "set_gates",
-    "set_preference",
-    "set_record_routing",
-    "clear_router_states",
-    "disable_adapters",
-    "merge_layers",
-    "unmerge_layers",
-]
-
-
-@dataclass
-class RouterState:
-    """What one forward's router decided, kept (with its autograd graph) for the aux losses."""
-
-    expert_indices: Tensor  # [..., k] int64, -1 = no expert
-    expert_weights: Tensor  # [..., k]
-    probs: Optional[Tensor]  # [..., E'] (E' = E + 1 with an empty expert)
-    logits: Optional[Tensor]  # [..., E']
-    num_experts: int  # E (real experts; column E of probs, if any, is the empty expert)
+__all__ = ["MoLoRALinear", "ExpertWeight", "molora_layers"]
 
 
 class ExpertWeight(nn.Module):
@@ -147,8 +126,8 @@ class MoLoRALinear(nn.Module):
         self.router: Router = build_router("dense" if router is None else router, self.in_features,
                                            num_experts, **factory)
         self.record_routing = False  # record the routing in eval mode too
-        self.router_state: Optional[RouterState] = None
-        self.disabled = False  # adapters off: the base layer alone (see moelora.layers.disable_adapters)
+        self.router_state: Optional[RouterOutput] = None
+        self.disabled = False  # adapters off: the base layer alone (see moelora.integrations.disable_adapters)
         self.merged = False
         self._merged_gates: Optional[Tensor] = None
         self._original_weight: Optional[Tensor] = None
@@ -200,8 +179,7 @@ class MoLoRALinear(nn.Module):
             return self.base_layer(x)
         route = self.router(x, gates=gates, preference=preference)
         if self.training or self.record_routing:
-            self.router_state = RouterState(route.expert_indices, route.expert_weights, route.probs,
-                                            route.logits, self.num_experts)
+            self.router_state = dataclasses.replace(route, num_experts=self.num_experts)
         weight, bias = self.base_layer.weight, self.base_layer.bias
         if torch.is_autocast_enabled(x.device.type):  # the custom op is not autocast-aware
             compute = torch.get_autocast_dtype(x.device.type)
@@ -222,7 +200,7 @@ class MoLoRALinear(nn.Module):
     # ------------------------------------------------------------------------------------------
     def delta_weight(self, gates: Tensor) -> Tensor:
         """``s * sum_e gates_e B_e A_e`` as ``[d_out, d_in]`` in fp32 (fp64 for fp64 weights)."""
-        acc = torch.float64 if self.base_layer.weight.dtype == torch.float64 else torch.float32
+        acc = accumulate_dtype(self.base_layer.weight.dtype)
         gates = torch.as_tensor(gates, device=self.lora_A.weight.device).to(acc)
         if gates.shape != (self.num_experts,):
             raise ValueError(f"gates must be [{self.num_experts}] (one fixed gate per expert), "
@@ -301,75 +279,3 @@ def molora_layers(model: nn.Module) -> Iterator[tuple[str, MoLoRALinear]]:
     for name, module in model.named_modules():
         if isinstance(module, MoLoRALinear):
             yield name, module
-
-
-def set_gates(model: nn.Module, gates: Optional[Tensor]) -> int:
-    """Set the gates of every fixed-gate router: ``[E]`` (whole batch) or ``[batch, E]`` (one
-    row per sequence, broadcast over its tokens); None goes back to the default gates.
-    Returns how many layers took them."""
-    count = 0
-    for _, layer in molora_layers(model):
-        if layer.router.accepts_gates:
-            layer.router.gates = None if gates is None else torch.as_tensor(gates).to(
-                layer.router.default_gates.device)
-            count += 1
-    return count
-
-
-def set_preference(model: nn.Module, preference: Optional[Tensor]) -> int:
-    """Set the user preference ``lambda`` (``[N]`` or ``[batch, N]``, on the simplex) of every
-    hierarchical (HoE) router; None goes back to uniform. Returns how many layers took it."""
-    count = 0
-    for _, layer in molora_layers(model):
-        if layer.router.accepts_preference:
-            layer.router.set_preference(preference)
-            count += 1
-    return count
-
-
-def set_record_routing(model: nn.Module, enabled: bool = True) -> None:
-    """Record ``router_state`` in eval mode too (training mode always records)."""
-    for _, layer in molora_layers(model):
-        layer.record_routing = bool(enabled)
-
-
-def clear_router_states(model: nn.Module) -> None:
-    """Drop the recorded routing (and the autograd graph it holds)."""
-    for _, layer in molora_layers(model):
-        layer.router_state = None
-
-
-@contextlib.contextmanager
-def disable_adapters(model: nn.Module):
-    """Inside the block every MoLoRALinear computes its base layer alone (e.g. the DPO
-    reference model). Merged layers must be unmerged first."""
-    layers = [layer for _, layer in molora_layers(model)]
-    if any(layer.merged for layer in layers):
-        raise RuntimeError("disable_adapters: unmerge the merged layers first")
-    previous = [layer.disabled for layer in layers]
-    for layer in layers:
-        layer.disabled = True
-    try:
-        yield model
-    finally:
-        for layer, flag in zip(layers, previous):
-            layer.disabled = flag
-
-
-def merge_layers(model: nn.Module, gates: Optional[Tensor] = None, *, keep_original: bool = True) -> int:
-    """`MoLoRALinear.merge` on every layer (same gate vector [E] for all, or each router's
-    fixed gates). Returns the number of merged layers."""
-    count = 0
-    for _, layer in molora_layers(model):
-        layer.merge(gates, keep_original=keep_original)
-        count += 1
-    return count
-
-
-def unmerge_layers(model: nn.Module) -> int:
-    count = 0
-    for _, layer in molora_layers(model):
-        if layer.merged:
-            layer.unmerge()
-            count += 1
-    return count

@@ -1,4 +1,6 @@
-"""Training losses built on moelora's ops."""
+"""Training losses built on moelora's ops: the routers' auxiliary losses (PMoL's group soft
+loss, load balance, z-loss, and `aux_loss`, which collects them from a model) and the mixture
+DPO losses of Mix- / MoE-DPO."""
 from moelora.losses.dpo import (
     MixtureDPOOutput,
     dpo_margins,
@@ -7,6 +9,7 @@ from moelora.losses.dpo import (
     mixture_dpo_nll_loss,
     sequence_logprobs,
 )
+from moelora.losses.pmol import aux_loss, expert_group_soft_loss, load_balance_loss, router_z_loss
 
 __all__ = [
     "MixtureDPOOutput",
@@ -15,4 +18,8 @@ __all__ = [
     "mixture_dpo_loss",
     "mixture_dpo_nll_loss",
     "sequence_logprobs",
+    "aux_loss",
+    "expert_group_soft_loss",
+    "load_balance_loss",
+    "router_z_loss",
 ]

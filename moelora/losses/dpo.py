@@ -1,4 +1,4 @@
-"""Mixture DPO losses (spec §5; seed: Mix- and MoE-DPO, arXiv 2510.08256).
+"""Mixture DPO losses (docs/spec.md §5; seed: Mix- and MoE-DPO, arXiv 2510.08256).
 
 The policy is a mixture ``pi(y|x) = sum_k w_k(x) pi_k(y|x)`` of K experts. For a preference
 pair (chosen ``y_w``, rejected ``y_l``) each expert has the usual DPO margin

@@ -1,4 +1,4 @@
-"""Auxiliary router losses of PMoL (spec §2-3), and `aux_loss`, which collects them from every
+"""Auxiliary router losses of PMoL (docs/spec.md §2-3), and `aux_loss`, which collects them from every
 `MoLoRALinear` of a model after a forward.
 
     expert group soft loss  L_group = - mean_t log( sum_{e in G_p} p[t,e] + eps )
@@ -30,6 +30,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from moelora.layers.molora_linear import molora_layers
+from moelora.ops.dtypes import accumulate_dtype
 
 __all__ = [
     "expert_group_soft_loss",
@@ -41,10 +42,6 @@ __all__ = [
 
 # PMoLConfig's defaults: the group loss shapes routing; balance and z only regularise it.
 DEFAULT_AUX_WEIGHTS = {"group": 0.1, "balance": 0.01, "z": 0.001}
-
-
-def _acc(t: Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
 def _token_weights(mask: Optional[Tensor], lead: torch.Size, device, dtype) -> Tensor:
@@ -65,7 +62,7 @@ def expert_group_soft_loss(
     attention_mask: Optional[Tensor] = None,  # [batch, ...] (1 = real token)
 ) -> Tensor:
     """``- mean_t log(sum_{e in G_p} p[t, e] + eps)`` per labelled sequence, averaged over them."""
-    acc = _acc(probs)
+    acc = accumulate_dtype(probs.dtype)
     batch, columns = probs.shape[0], probs.shape[-1]
     if labels.shape != (batch,):
         raise ValueError(f"preference labels must be [batch] = [{batch}], got {tuple(labels.shape)}")
@@ -91,7 +88,7 @@ def load_balance_loss(
     attention_mask: Optional[Tensor] = None,  # [...] (1 = real token)
 ) -> Tensor:
     """Switch-style ``E * sum_e f_e * P_e`` over real (unmasked) tokens."""
-    acc = _acc(probs)
+    acc = accumulate_dtype(probs.dtype)
     columns = probs.shape[-1]
     E = columns if num_experts is None else num_experts
     weights = _token_weights(attention_mask, probs.shape[:-1], probs.device, acc).reshape(-1)
@@ -107,7 +104,7 @@ def load_balance_loss(
 
 def router_z_loss(logits: Tensor, *, attention_mask: Optional[Tensor] = None) -> Tensor:
     """``mean_t logsumexp(logits_t)^2`` (ST-MoE), over real tokens."""
-    acc = _acc(logits)
+    acc = accumulate_dtype(logits.dtype)
     weights = _token_weights(attention_mask, logits.shape[:-1], logits.device, acc).reshape(-1)
     z = torch.logsumexp(logits.to(acc).reshape(-1, logits.shape[-1]), dim=-1).pow(2)
     return (z * weights).sum() / weights.sum().clamp(min=1)
@@ -171,7 +168,7 @@ def aux_loss(
         if preference_labels is not None and layer.expert_groups is not None and probs is not None:
             p = probs
             if temperature != 1.0 and logits is not None:
-                p = torch.softmax(logits.to(_acc(logits)) / temperature, dim=-1)
+                p = torch.softmax(logits.to(accumulate_dtype(logits.dtype)) / temperature, dim=-1)
             groups = torch.tensor(layer.expert_groups, device=p.device)
             group.append(expert_group_soft_loss(p, groups, torch.as_tensor(preference_labels),
                                                 eps=eps, attention_mask=mask))

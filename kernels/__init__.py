@@ -1,1 +1,0 @@
-"""Triton kernels of moelora, installed as the subpackage `moelora.kernels`."""

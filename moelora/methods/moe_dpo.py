@@ -1,0 +1,478 @@
+"""Mix- and MoE-DPO models (docs/spec.md §5; seed: arXiv 2510.08256): gating and the model wrappers.
+
+The policy is a mixture of K experts ``pi(y|x) = sum_k w_k(x) pi_k(y|x)``:
+
+- Mix-DPO: shared backbone, K expert LM heads, fixed weights ``w`` (``FixedMixture``).
+- MoE-DPO: the same with input-dependent gating ``w(x) = softmax(G phi(x))``
+  (``SequenceGate``: phi = masked-mean or last-token pooling of the prompt's hidden states,
+  optionally concatenated with a user embedding).
+- LoRA experts in the backbone, driven by per-sequence gates: the core op's "dense soft
+  mixture" regime at serve time (``sequence_gates_to_routing`` turns ``[B, E]`` gates into the
+  ``expert_indices`` / ``expert_weights`` that ``moelora.molora_linear`` takes).
+
+Two wrappers compute the mixture DPO loss of ``moelora.losses.dpo`` from per-expert sequence
+log-probs ``log pi_k(y|x)``, and share the batching (chosen and rejected in one right-padded
+batch), the label convention and the loss:
+
+- ``MoEDPOModel``: experts are LM heads; one backbone pass, then ``moelora.expert_logprobs``
+  (the K heads' log-probs without ``[T, K, V]`` logits).
+- ``MoELoRADPOModel``: experts are K LoRA experts injected into the backbone with fixed-gate
+  routers (``inject(model, MoLoRAConfig(router={"type": "fixed", "k": 1}, num_experts=K))``)
+  and one shared, frozen LM head. Expert k's policy is the backbone with expert k alone
+  active, so the 2B sequences are replicated K times and routed with one-hot per-sequence
+  gates (replica k -> expert k: the core op's multi-tenant regime) in a single backbone pass.
+  A second pass, under no_grad with the adapters disabled, gives the frozen base model's
+  hidden states: the reference log-probs and the gate's features (the gate never sees an
+  expert's hidden states, so it cannot favour an expert through that expert's own output).
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from moelora.integrations.controls import disable_adapters, set_gates
+from moelora.layers.molora_linear import molora_layers
+from moelora.layers.pooling import POOLINGS, backbone_hidden_states, pool_hidden
+from moelora.losses.dpo import MixtureDPOOutput, mixture_dpo_loss, sequence_logprobs
+from moelora.ops.expert_logprobs import expert_logprobs
+
+__all__ = [
+    "sequence_gates_to_routing",
+    "SequenceGate",
+    "FixedMixture",
+    "MoEDPOModel",
+    "MoELoRADPOModel",
+]
+
+
+def sequence_gates_to_routing(gates: Tensor, seq_len: int) -> tuple[Tensor, Tensor]:
+    """Per-sequence gates ``[B, E]`` -> dense routing for ``moelora.molora_linear``.
+
+    Returns ``expert_indices [B, S, E]`` (``0..E-1`` for every token) and ``expert_weights
+    [B, S, E]`` (the sequence's gates on each of its tokens): the core op's k = E regime, so
+    every token of sequence b computes ``W x + s sum_e gates[b, e] B_e A_e x``. Both are
+    expanded views (no copy); gradients flow back to ``gates``.
+    """
+    if gates.dim() != 2:
+        raise ValueError(f"gates must be [B, E], got shape {tuple(gates.shape)}")
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 0:
+        raise ValueError(f"seq_len must be a non-negative int, got {seq_len!r}")
+    B, E = gates.shape
+    indices = torch.arange(E, device=gates.device).expand(B, seq_len, E)
+    weights = gates.unsqueeze(1).expand(B, seq_len, E)
+    return indices, weights
+
+
+class SequenceGate(nn.Module):
+    """MoE-DPO gating network ``w(x) = softmax(G [phi(x); u])``, returned as log-weights.
+
+    Args:
+        hidden_size: d of the backbone's hidden states.
+        num_experts: K.
+        pooling: ``"mean"`` (masked mean) or ``"last"`` (last masked token) for phi.
+        user_embedding_dim: size of an optional per-sequence user embedding ``u`` concatenated
+            to phi (0: none).
+        bias: whether G has a bias.
+
+    ``G`` starts at zero, so a fresh gate is the uniform mixture (an identity change, like a
+    fresh LoRA's ``B = 0``); the gradient ``w - q`` of the EM loss moves it off that point as
+    soon as the experts differ.
+    """
+
+    def __init__(self, hidden_size: int, num_experts: int, *, pooling: str = "mean",
+                 user_embedding_dim: int = 0, bias: bool = True, device=None, dtype=None):
+        super().__init__()
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+        if num_experts < 1:
+            raise ValueError(f"num_experts must be >= 1, got {num_experts}")
+        self.hidden_size = hidden_size
+        self.num_experts = num_experts
+        self.pooling = pooling
+        self.user_embedding_dim = user_embedding_dim
+        self.proj = nn.Linear(hidden_size + user_embedding_dim, num_experts, bias=bias,
+                              device=device, dtype=dtype)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.zeros_(self.proj.weight)
+        if self.proj.bias is not None:
+            nn.init.zeros_(self.proj.bias)
+
+    def forward(self, hidden: Tensor, attention_mask: Optional[Tensor] = None,
+                user_embedding: Optional[Tensor] = None) -> Tensor:
+        """``hidden [B, S, d]``, ``attention_mask [B, S]`` (the tokens to pool, e.g. the prompt),
+        ``user_embedding [B, u]`` -> log-weights ``[B, K]`` (fp32)."""
+        phi = pool_hidden(hidden, attention_mask, self.pooling)
+        if self.user_embedding_dim:
+            if user_embedding is None:
+                raise ValueError(f"this gate takes a user_embedding [B, {self.user_embedding_dim}]")
+            if tuple(user_embedding.shape) != (phi.shape[0], self.user_embedding_dim):
+                raise ValueError(
+                    f"user_embedding has shape {tuple(user_embedding.shape)}, expected "
+                    f"[{phi.shape[0]}, {self.user_embedding_dim}]"
+                )
+            phi = torch.cat([phi, user_embedding.to(phi.dtype)], dim=-1)
+        elif user_embedding is not None:
+            raise ValueError("user_embedding given, but the gate was built with user_embedding_dim=0")
+        logits = self.proj(phi.to(self.proj.weight.dtype))
+        return torch.log_softmax(logits.float(), dim=-1)
+
+
+class FixedMixture(nn.Module):
+    """Mix-DPO's input-independent weights, as log-weights ``[B, K]``.
+
+    ``weights [K]`` (default uniform); ``learnable=True`` makes them a trained global softmax
+    (what an M-step over fixed weights would estimate) instead of a constant.
+    """
+
+    def __init__(self, num_experts: int, weights: Optional[Tensor] = None, *,
+                 learnable: bool = False, device=None):
+        super().__init__()
+        if weights is None:
+            logits = torch.zeros(num_experts, device=device)
+        else:
+            weights = torch.as_tensor(weights, dtype=torch.float32, device=device)
+            if tuple(weights.shape) != (num_experts,) or bool((weights < 0).any()) or not weights.sum() > 0:
+                raise ValueError(f"weights must be [{num_experts}] non-negative with a positive sum")
+            logits = torch.log(weights / weights.sum())
+        self.num_experts = num_experts
+        if learnable:
+            self.logits = nn.Parameter(logits)
+        else:
+            self.register_buffer("logits", logits)
+
+    def forward(self, hidden: Tensor, attention_mask: Optional[Tensor] = None,
+                user_embedding: Optional[Tensor] = None) -> Tensor:
+        return torch.log_softmax(self.logits.float(), dim=-1).expand(hidden.shape[0], -1)
+
+
+def _backbone_hidden(backbone: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    """``backbone(input_ids, attention_mask=...)`` as ``[B, S, d]``, shape-checked."""
+    hidden = backbone_hidden_states(backbone(input_ids, attention_mask=attention_mask))
+    if hidden.shape[:2] != input_ids.shape:
+        raise ValueError(
+            f"the backbone returned hidden states of shape {tuple(hidden.shape)}, expected "
+            f"{tuple(input_ids.shape)} + (d,)"
+        )
+    return hidden
+
+
+def _prompt_mask(attention_mask: Tensor, labels: Optional[Tensor], ignore_index: int) -> Tensor:
+    """The tokens the gate pools: attended and not scored (the prompt)."""
+    mask = attention_mask.bool()
+    return mask if labels is None else mask & (labels == ignore_index)
+
+
+def _score(hidden: Tensor, heads: Tensor, labels: Tensor, *, ignore_index: int, backend: str,
+           ref_head: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor]]:
+    """Sequence log-probs of ``labels [N, S]`` from ``hidden [N, S, d]`` under ``heads [K, V, d]``:
+    ``[N, K]``, and ``[N]`` under ``ref_head [V, d]`` (None without one). Position s scores
+    token s + 1; prompt and padding labels are ignore_index and count 0."""
+    out = expert_logprobs(hidden[:, :-1], heads, labels[:, 1:], ignore_index=ignore_index,
+                          ref_head=ref_head, backend=backend)
+    if ref_head is None:
+        return sequence_logprobs(out), None
+    token_logps, token_ref = out
+    return sequence_logprobs(token_logps), sequence_logprobs(token_ref.unsqueeze(-1))[:, 0]
+
+
+def _pad_to(t: Tensor, length: int, value) -> Tensor:
+    return t if t.shape[1] == length else F.pad(t, (0, length - t.shape[1]), value=value)
+
+
+class _MixtureDPOPolicy(nn.Module):
+    """What the two wrappers share: the loss settings, chosen + rejected in one batch, the loss.
+
+    Subclasses set ``self.gate`` and implement ``sequence_logprobs`` (per-expert and reference
+    sequence log-probs, gate log-weights) and ``_gate_hidden`` (what the gate pools).
+    """
+
+    def __init__(self, *, beta: float, label_smoothing: float, objective: str, ignore_index: int,
+                 backend: str):
+        super().__init__()
+        self.beta = beta
+        self.label_smoothing = label_smoothing
+        self.objective = objective
+        self.ignore_index = ignore_index
+        self.backend = backend
+
+    def sequence_logprobs(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor, *,
+                          user_embedding: Optional[Tensor] = None,
+                          gate_rows: Optional[int] = None, with_reference: bool = True):
+        raise NotImplementedError
+
+    def _gate_hidden(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def forward(self, chosen_input_ids: Tensor, chosen_attention_mask: Tensor,
+                chosen_labels: Tensor, rejected_input_ids: Tensor,
+                rejected_attention_mask: Tensor, rejected_labels: Tensor, *,
+                user_embedding: Optional[Tensor] = None,
+                reference_chosen_logps: Optional[Tensor] = None,
+                reference_rejected_logps: Optional[Tensor] = None) -> MixtureDPOOutput:
+        """The mixture DPO loss of a batch of B preference pairs (the 2B sequences right-padded
+        to a common length and scored in one batch). Precomputed reference log-probs ``[B]``
+        take precedence over the wrapper's own reference, which then is not computed."""
+        B = chosen_input_ids.shape[0]
+        S = max(chosen_input_ids.shape[1], rejected_input_ids.shape[1])
+        input_ids = torch.cat([_pad_to(chosen_input_ids, S, 0), _pad_to(rejected_input_ids, S, 0)])
+        mask = torch.cat([_pad_to(chosen_attention_mask, S, 0), _pad_to(rejected_attention_mask, S, 0)])
+        labels = torch.cat([_pad_to(chosen_labels, S, self.ignore_index),
+                            _pad_to(rejected_labels, S, self.ignore_index)])
+        precomputed = reference_chosen_logps is not None or reference_rejected_logps is not None
+        policy, reference, log_weights = self.sequence_logprobs(
+            input_ids, mask, labels, user_embedding=user_embedding, gate_rows=B,
+            with_reference=not precomputed)
+        if not precomputed and reference is not None:
+            reference_chosen_logps, reference_rejected_logps = reference[:B], reference[B:]
+        return mixture_dpo_loss(
+            policy[:B], policy[B:], reference_chosen_logps, reference_rejected_logps,
+            log_weights=log_weights, beta=self.beta, label_smoothing=self.label_smoothing,
+            objective=self.objective,
+        )
+
+    @torch.no_grad()
+    def gate_weights(self, input_ids: Tensor, attention_mask: Tensor, labels: Optional[Tensor] = None,
+                     *, user_embedding: Optional[Tensor] = None) -> Tensor:
+        """The mixture weights ``[B, K]`` for a batch of prompts (labels: to mask responses)."""
+        hidden = self._gate_hidden(input_ids, attention_mask)
+        return self.gate(hidden, _prompt_mask(attention_mask, labels, self.ignore_index),
+                         user_embedding).exp()
+
+
+class MoEDPOModel(_MixtureDPOPolicy):
+    """A mixture policy: backbone -> K expert LM heads, mixed by a gate, trained with DPO.
+
+    Args:
+        backbone: ``backbone(input_ids, attention_mask=mask)`` returning hidden states
+            ``[B, S, d]`` (a tensor, an HF model output with ``last_hidden_state``, or a tuple).
+        heads: ``[K, V, d]`` initial expert heads (copied into a parameter).
+        gate: ``SequenceGate`` (MoE-DPO), ``FixedMixture`` (Mix-DPO), or any module mapping
+            ``(hidden, prompt_mask, user_embedding)`` to log-weights ``[B, K]``.
+        reference_head: optional ``[V, d]`` frozen reference head on the *same* hidden states, for
+            reference log-probs computed on the fly (right when the backbone is frozen, as in
+            Mix-DPO over a shared backbone). When the backbone trains, pass precomputed
+            reference log-probs to ``forward`` instead.
+        beta, label_smoothing, objective: see ``moelora.losses.mixture_dpo_loss``.
+        ignore_index: label id of tokens that are not scored (prompt, padding).
+        backend: ``expert_logprobs`` backend.
+
+    Labels follow the Hugging Face convention: ``labels [B, S]`` aligned with ``input_ids``,
+    ``ignore_index`` on prompt and padding; position s's hidden state scores ``labels[s + 1]``.
+    The gate pools the prompt: tokens with ``attention_mask`` set and no label.
+    """
+
+    def __init__(self, backbone: nn.Module, heads: Tensor, gate: nn.Module,
+                 reference_head: Optional[Tensor] = None, *, beta: float = 0.1,
+                 label_smoothing: float = 0.0, objective: str = "em", ignore_index: int = -100,
+                 backend: str = "auto"):
+        super().__init__(beta=beta, label_smoothing=label_smoothing, objective=objective,
+                         ignore_index=ignore_index, backend=backend)
+        if heads.dim() != 3:
+            raise ValueError(f"heads must be [K, V, d], got shape {tuple(heads.shape)}")
+        self.backbone = backbone
+        self.heads = nn.Parameter(heads.detach().clone())
+        self.gate = gate
+        if reference_head is not None:
+            if tuple(reference_head.shape) != tuple(heads.shape[1:]):
+                raise ValueError(
+                    f"reference_head has shape {tuple(reference_head.shape)}, expected "
+                    f"{list(heads.shape[1:])} ([V, d] of heads)"
+                )
+            reference_head = reference_head.detach().clone()
+        self.register_buffer("reference_head", reference_head)
+
+    @classmethod
+    def from_lm_head(cls, backbone: nn.Module, lm_head_weight: Tensor, num_experts: int,
+                     gate: nn.Module, *, init_noise: float = 0.0,
+                     generator: Optional[torch.Generator] = None, **kwargs) -> "MoEDPOModel":
+        """Experts start as copies of the base LM head ``[V, d]``, which is also the frozen
+        reference. ``init_noise`` (relative to the head's std) breaks the experts' symmetry:
+        identical experts have identical margins, so the EM responsibilities equal the gate's
+        weights and nothing would pull the experts apart."""
+        base = lm_head_weight.detach()
+        heads = base.unsqueeze(0).repeat(num_experts, 1, 1)
+        if init_noise:
+            noise = torch.randn(heads.shape, generator=generator, dtype=torch.float32,
+                                device=heads.device if generator is None else generator.device)
+            heads = heads + (init_noise * base.float().std() * noise.to(heads.device)).to(heads.dtype)
+        return cls(backbone, heads, gate, reference_head=base, **kwargs)
+
+    @property
+    def num_experts(self) -> int:
+        return self.heads.shape[0]
+
+    def _gate_hidden(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        return _backbone_hidden(self.backbone, input_ids, attention_mask)
+
+    def sequence_logprobs(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor, *,
+                          user_embedding: Optional[Tensor] = None,
+                          gate_rows: Optional[int] = None, with_reference: bool = True):
+        """-> ``(policy [B, K], reference [B] or None, log_weights [gate_rows or B, K])``.
+
+        The gate is evaluated on the first ``gate_rows`` sequences only (chosen and rejected
+        share a prompt, so their gates are one). The reference is None without a
+        ``reference_head`` or with ``with_reference=False`` (reference log-probs precomputed).
+        """
+        hidden = _backbone_hidden(self.backbone, input_ids, attention_mask)
+        rows = hidden.shape[0] if gate_rows is None else gate_rows
+        prompt_mask = _prompt_mask(attention_mask, labels, self.ignore_index)
+        log_weights = self.gate(hidden[:rows], prompt_mask[:rows], user_embedding)
+        return (*_score(hidden, self.heads, labels, ignore_index=self.ignore_index,
+                        backend=self.backend,
+                        ref_head=self.reference_head if with_reference else None), log_weights)
+
+
+def _checkpointing(module: nn.Module) -> bool:
+    """Activation checkpointing on (transformers marks the modules it checkpoints)."""
+    return any(getattr(m, "gradient_checkpointing", False) is True for m in module.modules())
+
+
+@contextlib.contextmanager
+def _routed(model: nn.Module, gates: Tensor):
+    """Every fixed-gate router of model takes ``gates [batch, E]`` inside the block; each
+    router's previous gates come back after it."""
+    routers = [layer.router for _, layer in molora_layers(model) if layer.router.accepts_gates]
+    previous = [router.gates for router in routers]
+    set_gates(model, gates)
+    try:
+        yield model
+    finally:
+        for router, gates_before in zip(routers, previous):
+            router.gates = gates_before
+
+
+class MoELoRADPOModel(_MixtureDPOPolicy):
+    """A mixture policy whose K experts are LoRA experts in the backbone, trained with DPO.
+
+    Expert k's policy ``pi_k`` is the backbone with LoRA expert k alone active (gate one-hot
+    on k in every layer) followed by the shared LM head; the mixture ``sum_k w_k(x) pi_k`` is
+    weighted by a gate on the prompt. Per batch of N = 2B sequences (chosen + rejected):
+
+    1. base pass, under no_grad with the adapters disabled (``moelora.integrations.disable_adapters``)
+       over the N sequences: the reference log-probs (the frozen base model is the reference)
+       and the hidden states the gate pools. With precomputed reference log-probs, this pass
+       covers the B chosen sequences only (the gate's). The gate sees neither an expert's
+       hidden states (replica 0's would make ``w`` depend on expert 0 alone) nor their
+       gradient; the base features are also what a deployed gate would see before choosing.
+    2. expert pass: the N sequences replicated K times (``[K * N, S]``, replica-major), routed
+       with one-hot per-sequence gates (replica k -> expert k) set on every fixed-gate router
+       for this pass only; then the shared head's log-probs of the labels through
+       ``moelora.expert_logprobs`` (chunked over the vocabulary; no ``[T, V]`` logits).
+
+    Memory and compute of the expert pass are K times a plain DPO step's. Inject with
+    ``router={"type": "fixed", "k": 1}``: each token then computes its own expert only; the
+    plain ``"fixed"`` router (k = E) gives the same values but computes all E experts with
+    zero weights. Activation checkpointing is refused: its recomputation in backward would run
+    after the one-hot gates were reset.
+
+    Args:
+        backbone: a module whose target linears were injected with K LoRA experts behind
+            fixed-gate routers (``moelora.inject``); ``backbone(input_ids,
+            attention_mask=mask)`` returns hidden states ``[B, S, d]`` (a tensor, an HF output
+            with ``last_hidden_state``, or a tuple), e.g. ``causal_lm.model``.
+        lm_head: the frozen LM head: a module with ``.weight [V, d]`` (kept as a submodule,
+            so a tied or moved weight stays shared) or a ``[V, d]`` tensor (kept, uncopied, as
+            a buffer).
+        gate: ``SequenceGate`` (MoE-DPO), ``FixedMixture`` (Mix-DPO), or any module mapping
+            ``(hidden, prompt_mask, user_embedding)`` to log-weights ``[B, K]``.
+        beta, label_smoothing, objective: see ``moelora.losses.mixture_dpo_loss``.
+        ignore_index: label id of tokens that are not scored (prompt, padding).
+        backend: ``expert_logprobs`` backend.
+
+    Labels and prompt masks follow ``MoEDPOModel``'s conventions. Trainable: the experts'
+    A / B (and routers' parameters, none for fixed-gate routers) and the gate.
+    """
+
+    def __init__(self, backbone: nn.Module, lm_head, gate: nn.Module, *, beta: float = 0.1,
+                 label_smoothing: float = 0.0, objective: str = "em", ignore_index: int = -100,
+                 backend: str = "auto"):
+        super().__init__(beta=beta, label_smoothing=label_smoothing, objective=objective,
+                         ignore_index=ignore_index, backend=backend)
+        layers = list(molora_layers(backbone))
+        if not layers:
+            raise ValueError("backbone has no MoLoRALinear layers: inject K LoRA experts with a "
+                             "fixed-gate router first (moelora.inject, router={'type': 'fixed', 'k': 1})")
+        not_fixed = [name for name, layer in layers if not layer.router.accepts_gates]
+        if not_fixed:
+            raise ValueError(f"every MoLoRALinear needs a fixed-gate router (router='fixed'); "
+                             f"these route by themselves: {not_fixed}")
+        sizes = sorted({layer.num_experts for _, layer in layers})
+        if len(sizes) != 1:
+            raise ValueError(f"every MoLoRALinear must have the same number of experts, got {sizes}")
+        self._num_experts = sizes[0]
+        gate_experts = getattr(gate, "num_experts", self._num_experts)
+        if gate_experts != self._num_experts:
+            raise ValueError(f"the gate mixes {gate_experts} experts, the backbone's layers have "
+                             f"{self._num_experts}")
+        weight = lm_head if isinstance(lm_head, Tensor) else getattr(lm_head, "weight", None)
+        if not isinstance(weight, Tensor) or weight.dim() != 2:
+            raise ValueError("lm_head must be a [V, d] tensor or a module with a [V, d] .weight "
+                             "(a LoRA'd head is not supported: heads as experts is MoEDPOModel)")
+        self.backbone = backbone
+        self.gate = gate
+        if isinstance(lm_head, Tensor):
+            self.lm_head = None
+            self.register_buffer("lm_head_weight", lm_head.detach())
+        else:
+            self.lm_head = lm_head
+            self.register_buffer("lm_head_weight", None)
+
+    @classmethod
+    def from_causal_lm(cls, model: nn.Module, gate: nn.Module, **kwargs) -> "MoELoRADPOModel":
+        """From a transformers causal LM injected with fixed-gate LoRA experts: the backbone is
+        ``model.base_model`` (e.g. ``LlamaModel``), the head ``model.get_output_embeddings()``."""
+        return cls(model.base_model, model.get_output_embeddings(), gate, **kwargs)
+
+    @property
+    def num_experts(self) -> int:
+        return self._num_experts
+
+    @property
+    def head_weight(self) -> Tensor:
+        """The shared LM head ``[V, d]``."""
+        return self.lm_head_weight if self.lm_head is None else self.lm_head.weight
+
+    def _gate_hidden(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        with torch.no_grad(), disable_adapters(self.backbone):
+            return _backbone_hidden(self.backbone, input_ids, attention_mask)
+
+    def sequence_logprobs(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor, *,
+                          user_embedding: Optional[Tensor] = None,
+                          gate_rows: Optional[int] = None, with_reference: bool = True):
+        """-> ``(policy [N, K], reference [N] or None, log_weights [gate_rows or N, K])`` for
+        ``input_ids``, ``attention_mask``, ``labels [N, S]``.
+
+        ``policy[:, k]`` is expert k's sequence log-prob, ``reference`` the base model's (None
+        with ``with_reference=False``: reference log-probs precomputed), ``log_weights`` the
+        gate's on the first ``gate_rows`` sequences.
+        """
+        N, K = input_ids.shape[0], self.num_experts
+        rows = N if gate_rows is None else gate_rows
+        head = self.head_weight.unsqueeze(0)  # [1, V, d]: one shared head
+        base_rows = N if with_reference else rows
+        base = self._gate_hidden(input_ids[:base_rows], attention_mask[:base_rows])
+        prompt_mask = _prompt_mask(attention_mask[:rows], labels[:rows], self.ignore_index)
+        log_weights = self.gate(base[:rows], prompt_mask, user_embedding)
+        reference = None
+        if with_reference:
+            with torch.no_grad():
+                reference = _score(base, head, labels, ignore_index=self.ignore_index,
+                                   backend=self.backend)[0][:, 0]
+        if torch.is_grad_enabled() and self.backbone.training and _checkpointing(self.backbone):
+            raise RuntimeError("MoELoRADPOModel: disable activation checkpointing on the backbone "
+                               "(its recomputation in backward would not see the per-expert gates)")
+        # replica k (rows k*N .. k*N + N - 1) -> expert k
+        gates = torch.eye(K, device=input_ids.device).repeat_interleave(N, dim=0)  # [K * N, K]
+        with _routed(self.backbone, gates):
+            hidden = _backbone_hidden(self.backbone, input_ids.repeat(K, 1),
+                                      attention_mask.repeat(K, 1))  # [K * N, S, d]
+        policy, _ = _score(hidden, head, labels.repeat(K, 1), ignore_index=self.ignore_index,
+                           backend=self.backend)  # [K * N, 1]
+        return policy.view(K, N).t(), reference, log_weights

@@ -1,0 +1,210 @@
+"""One backend resolution for every op.
+
+Each op declares its backends with `OpDispatch`: a name, how to get the implementation, and
+where it can run. `resolve` maps what a caller asked for to one of them:
+
+    backend="auto"    MOELORA_BACKEND when set (and this op has that backend), else the first
+                      available of AUTO_ORDER for the device type. `auto` never picks the
+                      Triton interpreter: it exists for tests and is orders of magnitude slower.
+    backend=<name>    that backend, or a ValueError naming why it cannot run here and what can.
+
+The reason a backend is missing (triton not installed, the extension not built, the interpreter
+not enabled, float64 without a tensor-core path) is kept, logged once on the `moelora` logger
+at INFO with the choice made, and shown by `python -m moelora.env`.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+from moelora.ops import extension
+
+__all__ = ["BACKEND_NAMES", "AUTO_ORDER", "Backend", "OpDispatch", "interpreting"]
+
+logger = logging.getLogger("moelora")
+
+BACKEND_NAMES = ("auto", "triton", "cuda", "cpu", "torch")
+# Fastest first, per device type.
+AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpu", "torch")}
+
+
+def interpreting() -> bool:
+    """Triton kernels run on CPU tensors through Triton's interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@dataclass
+class Backend:
+    """One implementation of an op.
+
+    ``load()`` returns the implementation (a module or object with the op's backend functions)
+    or raises; ``check(device, dtypes)`` returns None where it can run, else the reason.
+    """
+
+    name: str
+    load: Callable[[], object]
+    check: Callable[[torch.device, tuple], Optional[str]]
+    alias_of: Optional[str] = None  # another backend's implementation under this name
+    _impl: object = field(default=None, repr=False)
+    _error: Optional[str] = field(default=None, repr=False)
+
+    def impl(self):
+        if self._impl is None and self._error is None:
+            try:
+                self._impl = self.load()
+            except Exception as exc:  # e.g. triton missing or broken
+                self._error = f"{type(exc).__name__}: {exc}"
+        return self._impl
+
+    def unavailable(self, device: torch.device, dtypes: tuple) -> Optional[str]:
+        reason = self.check(device, dtypes)
+        if reason is None and self.impl() is None:
+            reason = f"its implementation failed to import ({self._error})"
+        return reason
+
+
+def _import(module: str) -> Callable[[], object]:
+    return lambda: importlib.import_module(module)
+
+
+def torch_backend(module: str) -> Backend:
+    """Plain PyTorch: runs anywhere, in any floating dtype."""
+    return Backend("torch", _import(module), lambda device, dtypes: None)
+
+
+def triton_backend(module: str) -> Backend:
+    """Triton kernels: CUDA tensors, or CPU tensors under the interpreter; no float64."""
+
+    def check(device, dtypes):
+        if torch.float64 in dtypes:
+            return "float64 has no tensor-core path"
+        if device.type == "cpu" and not interpreting():
+            return "CPU tensors need Triton's interpreter (TRITON_INTERPRET=1, for tests)"
+        if device.type not in ("cuda", "cpu"):
+            return f"no Triton target for {device.type} tensors"
+        return None
+
+    return Backend("triton", _import(module), check)
+
+
+def native_backend(name: str, forward: str, backward: Optional[str] = None) -> Backend:
+    """The compiled extension's kernel for one dispatch key: ``name`` "cpu" or "cuda"."""
+    key = name.upper()
+
+    class _Native:  # the native op is one schema; the dispatcher picks the kernel by device
+        def __getattr__(self, attr):
+            op = {"forward": forward, "backward": backward}.get(attr)
+            if op is None:
+                raise AttributeError(attr)
+            return getattr(torch.ops.moelora, op)
+
+    def check(device, dtypes):
+        if device.type != name:
+            return f"runs on {name} tensors only"
+        return extension.unavailable_reason(forward, key)
+
+    return Backend(name, _Native, check)
+
+
+def on_device(backend: Backend, name: str, device_type: str) -> Backend:
+    """``backend``'s implementation under another name, on one device type only (an op with no
+    compiled kernel serves its ``cpu`` backend from its torch implementation, say)."""
+
+    def check(device, dtypes):
+        if device.type != device_type:
+            return f"runs on {device_type} tensors only"
+        return backend.check(device, dtypes)
+
+    return Backend(name, backend.load, check, alias_of=backend.name)
+
+
+class OpDispatch:
+    """The backends of one op and the one rule that picks among them."""
+
+    def __init__(self, op: str, backends: list[Backend]):
+        self.op = op
+        self.backends = {b.name: b for b in backends}
+        self._logged: set = set()
+
+    def impl(self, name: str):
+        return self.backends[name].impl()
+
+    def reasons(self, device: torch.device, dtypes: tuple) -> dict:
+        """{backend: None if it runs here, else why not}, over every name in BACKEND_NAMES."""
+        out = {}
+        for name in BACKEND_NAMES[1:]:
+            backend = self.backends.get(name)
+            out[name] = (f"{self.op} has no {name} backend" if backend is None
+                         else backend.unavailable(device, dtypes))
+        return out
+
+    def available(self, device, dtypes: tuple = (torch.float32,)) -> list[str]:
+        device = torch.device(device)
+        return [name for name, why in self.reasons(device, dtypes).items() if why is None]
+
+    def resolve(self, name: str, device: torch.device, dtypes: tuple) -> str:
+        """Map a caller's backend name to an available backend of this op, or raise naming why
+        it cannot run and what can."""
+        if not isinstance(name, str) or name not in BACKEND_NAMES:
+            raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {name!r}")
+        preferred = os.environ.get("MOELORA_BACKEND", "") if name == "auto" else ""
+        resolved, error = _decide(self.op, name, preferred, device, tuple(dtypes))
+        if error is not None:
+            raise ValueError(error)
+        return resolved
+
+
+_REGISTRY: dict[str, OpDispatch] = {}
+
+
+def register(dispatch: OpDispatch) -> OpDispatch:
+    _REGISTRY[dispatch.op] = dispatch
+    return dispatch
+
+
+def registry() -> dict:
+    """Every op's dispatch, by op name (for `python -m moelora.env` and the benchmarks)."""
+    return dict(_REGISTRY)
+
+
+# Evaluated eagerly and treated as a constant under torch.compile: availability probes import
+# modules, load the extension and log, none of which dynamo can trace.
+@torch.compiler.assume_constant_result
+def _decide(op: str, name: str, preferred: str, device: torch.device, dtypes: tuple):
+    dispatch = _REGISTRY[op]
+    reasons = dispatch.reasons(device, dtypes)
+    usable = [n for n, why in reasons.items() if why is None]
+    if name != "auto":
+        if reasons[name] is not None:
+            return None, (f"backend {name!r} cannot run {op} on {device} for "
+                          f"{'/'.join(str(d).removeprefix('torch.') for d in dtypes)}: "
+                          f"{reasons[name]}; available: {usable}")
+        return name, None
+    if preferred:
+        if preferred not in BACKEND_NAMES:
+            return None, f"MOELORA_BACKEND must be one of {BACKEND_NAMES}, got {preferred!r}"
+        if preferred != "auto" and preferred in dispatch.backends and reasons[preferred] is None:
+            _log_choice(dispatch, device, dtypes, preferred, reasons, "MOELORA_BACKEND")
+            return preferred, None
+    for candidate in AUTO_ORDER.get(device.type, ("torch",)):
+        if reasons.get(candidate) is None:
+            _log_choice(dispatch, device, dtypes, candidate, reasons, "auto")
+            return candidate, None
+    return None, f"no backend of {op} runs on {device}: {reasons}"
+
+
+def _log_choice(dispatch: OpDispatch, device, dtypes, chosen: str, reasons: dict, why: str) -> None:
+    key = (device.type, dtypes, chosen)
+    if key in dispatch._logged:
+        return
+    dispatch._logged.add(key)
+    order = AUTO_ORDER.get(device.type, ())
+    skipped = [f"{n} ({reasons[n]})" for n in order[: order.index(chosen)]] if chosen in order else []
+    logger.info("moelora: %s on %s %s uses backend %r (%s)%s", dispatch.op, device.type,
+                "/".join(str(d).removeprefix("torch.") for d in dtypes), chosen, why,
+                f"; skipped: {', '.join(skipped)}" if skipped else "")

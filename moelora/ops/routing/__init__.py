@@ -1,0 +1,4 @@
+"""Routing: softmax + top-k + renormalisation (docs/spec.md §2)."""
+from moelora.ops.routing.op import topk_route
+
+__all__ = ["topk_route"]

@@ -1,0 +1,123 @@
+"""What every Triton kernel of moelora shares: the dot helper, the device guard, the launch
+helper, environment parsing, and the one-launch range check.
+
+Importing this module imports Triton; the ops import their Triton backends (and so this) lazily,
+so the package works without Triton.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import warnings
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+
+from moelora.ops.dispatch import interpreting
+
+__all__ = ["INTERPRETING", "dot", "dot_in_fp32", "device_guard", "launch", "env_int",
+           "assert_in_range"]
+
+# Read when the kernels are defined: triton.jit picks the interpreter at decoration time.
+INTERPRETING = interpreting()
+
+
+def _patch_interpreter_dot() -> None:
+    """Triton's interpreter (3.6) multiplies bfloat16 tiles as their raw uint16 bits. Widen
+    them to fp32 first: a 16-bit product is exact in fp32, so the interpreted dot then matches
+    the tensor cores' fp32-accumulated result up to summation order, and the kernels' 16-bit
+    branches run under the interpreter exactly as written for the GPU."""
+    from triton.runtime import interpreter
+
+    builder = interpreter.InterpreterBuilder
+    if getattr(builder.create_dot, "_moelora_bf16", False):
+        return
+    original = builder.create_dot
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        def widen(t):
+            if t.dtype == tl.bfloat16:
+                return interpreter.TensorHandle((t.data.astype(np.uint32) << 16).view(np.float32),
+                                                tl.float32)
+            return t
+
+        return original(self, widen(a), widen(b), d, input_precision, max_num_imprecise_acc)
+
+    create_dot._moelora_bf16 = True
+    builder.create_dot = create_dot
+
+
+if INTERPRETING:
+    _patch_interpreter_dot()
+
+
+@triton.jit
+def dot(a, b, DOT_FP32: tl.constexpr):
+    """a @ b of two tiles into fp32: exact fp32 FMA (``input_precision="ieee"``) for fp32 or
+    mixed operands, the tensor cores in the operands' 16-bit type otherwise (the fp32 side of a
+    mixed pair is rounded to the other's type first, as autocast would)."""
+    if DOT_FP32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    elif a.dtype == b.dtype:
+        return tl.dot(a, b)
+    elif a.dtype == tl.float32:
+        return tl.dot(a.to(b.dtype), b)
+    else:
+        return tl.dot(a, b.to(a.dtype))
+
+
+def dot_in_fp32(*dtypes: torch.dtype) -> bool:
+    """Whether a dot of these operand dtypes runs as exact fp32 (True) or on the tensor cores in
+    their shared 16-bit type (False)."""
+    return len(set(dtypes)) != 1 or dtypes[0] not in (torch.bfloat16, torch.float16)
+
+
+def device_guard(t: torch.Tensor):
+    # Triton launches on the *current* CUDA device and stream, not the tensors' device: a layer
+    # on cuda:1 while cuda:0 is current (device_map="auto") would run on the wrong device.
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def launch(kernel, grid, *args, **kwargs) -> None:
+    """``kernel[grid](*args, **kwargs)`` on the device of the first tensor argument."""
+    first = next(a for a in args if isinstance(a, torch.Tensor))
+    with device_guard(first):
+        kernel[grid](*args, **kwargs)
+
+
+def env_int(name: str, default: int) -> int:
+    # a bad value must not stop the import: that would hide the whole triton backend
+    value = os.environ.get(name, "")
+    try:
+        return int(value) if value.strip() else default
+    except ValueError:
+        warnings.warn(f"moelora: {name}={value!r} is not an integer; using {default}", RuntimeWarning)
+        return default
+
+
+# --------------------------------------------------------------------------------------------
+# the range check (moelora.ops.checks): one launch, no host sync
+# --------------------------------------------------------------------------------------------
+# debug=True on this kernel alone makes tl.device_assert fire; sanitize_overflow off keeps the
+# rest of its code as without debug.
+@triton.jit(debug=True)
+def _in_range_kernel(values_ptr, n, low, high, exempt,
+                     HAS_EXEMPT: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    v = tl.load(values_ptr + offs, mask=offs < n, other=low)
+    ok = (v >= low) & (v < high)
+    if HAS_EXEMPT:
+        ok = ok | (v == exempt)
+    tl.device_assert(ok, "moelora: an index is out of its range (MOELORA_DEBUG=1 names it)")
+
+
+def assert_in_range(values: torch.Tensor, low: int, high: int, exempt=None) -> None:
+    """Device-side assert that every value lies in [low, high) or equals exempt: one launch,
+    where torch's compare, reduce and _assert_async take several."""
+    flat = values.reshape(-1).contiguous()  # the kernel reads with stride 1; a view may not have it
+    block = 1024
+    launch(_in_range_kernel, (triton.cdiv(flat.numel(), block),), flat, flat.numel(), low, high,
+           0 if exempt is None else exempt, HAS_EXEMPT=exempt is not None, BLOCK=block,
+           sanitize_overflow=False)

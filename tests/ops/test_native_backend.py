@@ -1,0 +1,265 @@
+"""The compiled backends (`cpu`, `cuda`: moelora._C from csrc/) against the float64 reference.
+
+Error bounds follow style.md: the kernel's relative error against the float64 reference may be
+at most twice PyTorch's own error at the same precision (the reference formula run in the low
+dtype on the same inputs), plus a small per-dtype floor. Every output is checked: y and the
+gradients of x, lora_a, lora_b and expert_weights. The CPU kernels exist once per instruction
+set (AVX-512, AVX2, baseline SSE2); each set this machine runs is tested.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import moelora
+from moelora.ops import extension
+from moelora.reference import molora_linear_ref
+
+from helpers import bound, make_routing, rel_error
+
+if not extension.has_kernel("molora_linear_native_fwd", "CPU"):
+    pytest.skip(
+        "compiled extension moelora._C not loaded (not built: pip install -e . "
+        "--no-build-isolation; or MOELORA_DISABLE_EXTENSION=1)",
+        allow_module_level=True,
+    )
+
+_C = extension.module()
+
+
+
+def _supported_isas() -> list[str]:
+    best = _C.cpu_isa()
+    order = ["base", "avx2", "avx512"]
+    compiled = _C.compiled_cpu_isas().split(",")
+    return [isa for isa in order[: order.index(best) + 1] if isa in compiled]
+
+
+@pytest.fixture(params=_supported_isas())
+def isa(request):
+    previous = _C.set_cpu_isa(request.param)
+    yield request.param
+    _C.set_cpu_isa(previous)
+
+
+def make_inputs(T, d_in, d_out, E, r, k, routing="topk", bias=True):
+    """float64 master inputs, scaled so every term of y is O(1)."""
+    x = torch.randn(T, d_in, dtype=torch.float64)
+    w = torch.randn(d_out, d_in, dtype=torch.float64) / d_in**0.5
+    b = torch.randn(d_out, dtype=torch.float64) if bias else None
+    a = torch.randn(E, r, d_in, dtype=torch.float64) / d_in**0.5
+    bb = torch.randn(E, d_out, r, dtype=torch.float64) / r**0.5
+    ids, g = make_routing(routing, T, E, k, "cpu")
+    return x, w, b, a, bb, ids, g
+
+
+def run(fn, x, w, b, a, bb, ids, g, scaling, dy, need_x=True):
+    """y and the gradients of (x, lora_a, lora_b, expert_weights) of fn(...) for cotangent dy."""
+    x = x.detach().clone().requires_grad_(need_x)
+    a = a.detach().clone().requires_grad_()
+    bb = bb.detach().clone().requires_grad_()
+    g = g.detach().clone().requires_grad_()
+    y = fn(x, w, b, a, bb, ids, g, scaling)
+    y.backward(dy.to(y.dtype))
+    return [y.detach(), x.grad, a.grad, bb.grad, g.grad]
+
+
+def check(T, d_in, d_out, E, r, k, dtype, adapter_dtype=None, routing="topk", bias=True,
+          scaling=0.75, need_x=True):
+    adapter_dtype = adapter_dtype or dtype
+    x, w, b, a, bb, ids, g = make_inputs(T, d_in, d_out, E, r, k, routing, bias)
+    # Round the inputs to the test precision once; the float64 reference then sees the very
+    # same values, so the error measured is the computation's alone.
+    low = [x.to(dtype), w.to(dtype), None if b is None else b.to(dtype),
+           a.to(adapter_dtype), bb.to(adapter_dtype), ids, g.float()]
+    exact = [t if t is None or not t.is_floating_point() else t.double() for t in low]
+    dy = torch.randn(T, d_out, dtype=torch.float64)
+
+    ref = run(molora_linear_ref, *exact, scaling, dy, need_x)
+    out = run(lambda *args: moelora.molora_linear(*args, backend="cpu"), *low, scaling, dy, need_x)
+    # PyTorch at the test precision: the reference formula, or for mixed dtypes (which its
+    # einsums cannot take) the dense-masked torch backend.
+    torch_impl = molora_linear_ref if dtype == adapter_dtype else (
+        lambda *args: moelora.molora_linear(*args, backend="torch"))
+    torch_low = run(torch_impl, *low, scaling, dy, need_x)
+
+    names = ["y", "grad_x", "grad_lora_a", "grad_lora_b", "grad_expert_weights"]
+    assert out[0].dtype == dtype and out[0].shape == (T, d_out)
+    for name, o, rf, tl in zip(names, out, ref, torch_low):
+        if rf is None:
+            assert o is None, name
+            continue
+        assert o is not None and o.shape == rf.shape, name
+        limit = bound(dtype, rel_error(tl, rf), adapter_dtype)
+        err = rel_error(o, rf)
+        assert err <= limit, f"{name}: rel error {err:.3g} > bound {limit:.3g} ({dtype}, isa {_C.cpu_isa()})"
+    assert out[2].dtype == adapter_dtype and out[3].dtype == adapter_dtype
+    assert out[4].dtype == torch.float32
+
+
+# (T, d_in, d_out, E, r, k): sizes of 1, sizes just past a vector / panel boundary (63, 65,
+# 130), ranks not a multiple of the register block, k from 1 to E.
+SHAPES = [
+    (1, 1, 1, 1, 1, 1),
+    (17, 63, 65, 5, 3, 2),
+    (17, 65, 63, 5, 16, 5),
+    (1, 65, 1, 5, 1, 3),
+    (17, 1, 63, 1, 3, 1),
+    (33, 130, 70, 5, 16, 4),
+]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64],
+                         ids=str)
+def test_cpu_matches_reference(isa, shape, dtype):
+    check(*shape, dtype)
+
+
+@pytest.mark.parametrize("routing", ["duplicates", "none", "skewed"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cpu_routings(isa, routing, dtype):
+    check(19, 65, 63, 5, 3, 4, dtype, routing=routing)
+
+
+@pytest.mark.parametrize(
+    "dtype,adapter_dtype",
+    [(torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16),
+     (torch.float16, torch.float32), (torch.float32, torch.float64)],
+    ids=str,
+)
+def test_cpu_mixed_dtypes(dtype, adapter_dtype):
+    check(17, 63, 65, 5, 3, 2, dtype, adapter_dtype=adapter_dtype)
+
+
+def test_cpu_no_bias_no_grad_x():
+    check(17, 65, 63, 5, 3, 2, torch.float32, bias=False, need_x=False)
+
+
+def test_cpu_larger_shape():
+    # A real-ish layer: several panels and register blocks in every dimension, E*r = 128.
+    check(96, 256, 320, 8, 16, 2, torch.float32)
+
+
+def test_cpu_deterministic():
+    x, w, b, a, bb, ids, g = (t if t is None or not t.is_floating_point() else t.float()
+                              for t in make_inputs(40, 130, 70, 5, 16, 3, "duplicates"))
+    args = (x, w, b, a, bb, ids, g, 0.5)
+    y1, h1 = torch.ops.moelora.molora_linear_native_fwd(*args)
+    y2, h2 = torch.ops.moelora.molora_linear_native_fwd(*args)
+    assert torch.equal(y1, y2) and torch.equal(h1, h2)
+    dy = torch.randn_like(y1)
+    bw = (dy, x, w, a, bb, ids, g, h1, 0.5, True, True)
+    for t1, t2 in zip(torch.ops.moelora.molora_linear_native_bwd(*bw), torch.ops.moelora.molora_linear_native_bwd(*bw)):
+        assert torch.equal(t1, t2)
+
+
+def test_cpu_h_contract():
+    """h = A_e x_t per slot in the accumulate dtype, exactly 0 for unrouted slots."""
+    x, w, b, a, bb, ids, g = make_inputs(9, 33, 17, 4, 5, 3)
+    ids[0] = -1
+    _, h = torch.ops.moelora.molora_linear_native_fwd(x.float(), w.float(), b.float(), a.float(), bb.float(),
+                                         ids, g.float(), 1.0)
+    assert h.dtype == torch.float32 and h.shape == (9, 3, 5)
+    expect = torch.einsum("tc,tjrc->tjr", x, a[ids.clamp(min=0)]) * (ids >= 0).unsqueeze(-1)
+    assert torch.equal(h[ids < 0], torch.zeros_like(h[ids < 0]))
+    assert rel_error(h, expect) < 1e-5
+
+
+def _op_args(T, dtype, bias=True):
+    x, w, b, a, bb, ids, g = make_inputs(T, 20, 12, 3, 4, 2, "duplicates", bias)
+    x, w, a, bb = (t.to(dtype) for t in (x, w, a, bb))
+    b = None if b is None else b.to(dtype)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    return x, w, b, a, bb, ids, g.to(acc)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("bias", [True, False])
+def test_cpu_opcheck(dtype, bias):
+    x, w, b, a, bb, ids, g = _op_args(7, dtype, bias)
+    torch.library.opcheck(torch.ops.moelora.molora_linear_native_fwd.default, (x, w, b, a, bb, ids, g, 0.5))
+    _, h = torch.ops.moelora.molora_linear_native_fwd(x, w, b, a, bb, ids, g, 0.5)
+    dy = torch.randn(7, 12).to(dtype)
+    for need_x, need_adapters in ((True, True), (False, True), (True, False)):
+        torch.library.opcheck(torch.ops.moelora.molora_linear_native_bwd.default,
+                              (dy, x, w, a, bb, ids, g, h, 0.5, need_x, need_adapters))
+
+
+def test_cpu_rejects_bad_ids():
+    x, w, b, a, bb, ids, g = _op_args(4, torch.float32)
+    ids[1, 0] = 3  # E = 3
+    with pytest.raises(RuntimeError, match="expert_indices"):
+        torch.ops.moelora.molora_linear_native_fwd(x, w, b, a, bb, ids, g, 1.0)
+
+
+def test_cpu_isa_switch():
+    previous = _C.set_cpu_isa("base")
+    try:
+        assert _C.cpu_isa() == "base"
+        with pytest.raises(RuntimeError, match="unknown CPU instruction set"):
+            _C.set_cpu_isa("sse9")
+    finally:
+        _C.set_cpu_isa(previous)
+
+
+def test_cpu_backend_is_auto_on_cpu():
+    assert "cpu" in moelora.available_backends("cpu")
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA (skipped without a GPU or without a CUDA build)
+# ---------------------------------------------------------------------------------------------
+def _need_cuda():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    if not extension.has_kernel("molora_linear_native_fwd", "CUDA"):
+        pytest.skip("moelora._C was built without CUDA (MOELORA_BUILD_CUDA)")
+
+
+def check_cuda(T, d_in, d_out, E, r, k, dtype, routing="topk", bias=True, scaling=0.75):
+    x, w, b, a, bb, ids, g = make_inputs(T, d_in, d_out, E, r, k, routing, bias)
+    low = [x.to(dtype), w.to(dtype), None if b is None else b.to(dtype), a.to(dtype),
+           bb.to(dtype), ids, g.float()]
+    exact = [t if t is None or not t.is_floating_point() else t.double() for t in low]
+    dy = torch.randn(T, d_out, dtype=torch.float64)
+    ref = run(molora_linear_ref, *exact, scaling, dy)
+    torch_low = run(molora_linear_ref, *[None if t is None else t.cuda() for t in low], scaling,
+                    dy.cuda())
+    out = run(lambda *args: moelora.molora_linear(*args, backend="cuda"),
+              *[None if t is None else t.cuda() for t in low], scaling, dy.cuda())
+    for name, o, rf, tl in zip(["y", "grad_x", "grad_lora_a", "grad_lora_b", "grad_g"], out, ref,
+                               torch_low):
+        limit = bound(dtype, rel_error(tl.cpu(), rf))
+        err = rel_error(o.cpu(), rf)
+        assert err <= limit, f"{name}: rel error {err:.3g} > bound {limit:.3g} ({dtype}, T={T})"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T", [1, 7, 64, 65, 300])  # <= 64: fused decode kernel; else grouped
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_cuda_matches_reference(T, dtype):
+    _need_cuda()
+    check_cuda(T, 130, 70, 5, 16, 3, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", SHAPES + [(80, 257, 129, 4, 256, 2), (5, 4096, 4096, 8, 16, 2)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_cuda_shapes(shape):
+    _need_cuda()
+    check_cuda(*shape, torch.float32)
+    check_cuda(*shape, torch.bfloat16, routing="duplicates")
+
+
+@pytest.mark.gpu
+def test_cuda_opcheck():
+    _need_cuda()
+    for T in (3, 70):
+        x, w, b, a, bb, ids, g = (None if t is None else t.cuda() for t in _op_args(T, torch.bfloat16))
+        torch.library.opcheck(torch.ops.moelora.molora_linear_native_fwd.default, (x, w, b, a, bb, ids, g, 0.5))
+        _, h = torch.ops.moelora.molora_linear_native_fwd(x, w, b, a, bb, ids, g, 0.5)
+        dy = torch.randn(T, 12, device="cuda", dtype=torch.bfloat16)
+        for need_x, need_adapters in ((True, True), (False, True), (True, False)):
+            torch.library.opcheck(torch.ops.moelora.molora_linear_native_bwd.default,
+                                  (dy, x, w, a, bb, ids, g, h, 0.5, need_x, need_adapters))
