@@ -50,7 +50,7 @@ PREBUILT=${PREBUILT:-.gpu-ext}
 WORK=${TMPDIR:-/tmp}/moelora-gpu-check
 mkdir -p "$WORK"
 SUMMARY="$OUT/summary.txt"
-KERNEL_TESTS="tests/test_molora_linear.py tests/test_cpp_backend.py tests/test_expert_logprobs.py tests/test_routing.py"
+KERNEL_TESTS="tests/ops"
 PYTEST=("$PY" -m pytest -q -p no:cacheprovider -rfE --durations=15 -o faulthandler_timeout=300
         --continue-on-collection-errors)
 
@@ -103,9 +103,9 @@ xdist_args() {
 # --------------------------------------------------------------------------------------------
 IMPORT_CHECK='
 import sys, torch, moelora
-from moelora import extension
+from moelora.ops import extension
 assert torch.cuda.is_available(), "torch sees no CUDA device"
-import moelora.kernels.molora  # the triton backend: a broken install hides it silently
+import moelora.ops.molora_linear.triton_backend  # the triton backend: a broken install hides it silently
 backends = moelora.available_backends("cuda", torch.bfloat16)
 print("backends on cuda (bf16):", backends, "| extension:", extension.module())
 need = ["triton"] + (["cuda"] if "--need-cuda" in sys.argv else [])

@@ -31,5 +31,10 @@ def test_readme_snippets_run(tmp_path, monkeypatch):
             exec(compile(block, f"README.md python block {i}", "exec"), namespace)
         except Exception as exc:  # name the block: the traceback's line numbers are the block's
             raise AssertionError(f"README python block {i} failed:\n{block}") from exc
-    # the last snippet trained a step: gradients reached the expert heads
+    # the last two snippets trained a step: gradients reached the K expert heads, then the K
+    # LoRA experts of the backbone
     assert namespace["policy"].heads.grad is not None
+    # (a fresh B is zero, so A's first gradient is zero too: B's is the one that must move)
+    grads = {n: p.grad for n, p in namespace["lora_policy"].named_parameters() if "lora_" in n}
+    assert grads and all(g is not None for g in grads.values())
+    assert all(g.abs().sum() > 0 for n, g in grads.items() if "lora_B" in n)

@@ -418,3 +418,14 @@ def test_ddp_two_processes_gradients_agree():
     for name in grads[0]:
         assert torch.equal(grads[0][name], grads[1][name]), name
         torch.testing.assert_close(grads[0][name], (local[0][name] + local[1][name]) / 2, rtol=1e-5, atol=1e-6)
+
+
+def test_imported_frozen_experts_leave_earlier_layers_trainable():
+    """load_adapters_as_experts(trainable_experts=False) freezes the experts it builds, not
+    those of every MoLoRALinear already in the model."""
+    model = inject(_Small(), MoLoRAConfig(target_modules=["q_proj"], num_experts=2, r=2))
+    adapter = {"base_model.model.v_proj.lora_A.weight": torch.randn(2, 10),
+               "base_model.model.v_proj.lora_B.weight": torch.randn(6, 2)}
+    load_adapters_as_experts(model, [adapter], scaling=1.0, trainable_experts=False)
+    assert model.q_proj.lora_A.weight.requires_grad and model.q_proj.lora_B.weight.requires_grad
+    assert not model.v_proj.lora_A.weight.requires_grad and not model.v_proj.lora_B.weight.requires_grad

@@ -91,3 +91,48 @@ def test_bad_environment_integer_warns_and_keeps_the_default(monkeypatch):
         assert common.env_int("MOELORA_TRITON_PLAN_FREE_MAX_T", 64) == 64
     monkeypatch.setenv("MOELORA_TRITON_PLAN_FREE_MAX_T", "0")
     assert common.env_int("MOELORA_TRITON_PLAN_FREE_MAX_T", 64) == 0
+
+
+def test_every_triton_launch_runs_under_the_device_guard(monkeypatch):
+    """Triton launches on the current CUDA device, not the tensors': every kernel of every op
+    must start inside moelora's device guard (a head on cuda:1 ran on cuda:0 before). Under the
+    interpreter: count the kernels run, and those run inside the guard."""
+    common = pytest.importorskip("moelora.ops.triton_common")
+    if not common.INTERPRETING:
+        pytest.skip("the interpreter is not on")
+    import contextlib
+
+    from triton.runtime.interpreter import InterpretedFunction
+
+    import moelora
+
+    depth, runs = [0], []
+
+    @contextlib.contextmanager
+    def guard(t):
+        depth[0] += 1
+        try:
+            yield
+        finally:
+            depth[0] -= 1
+
+    real_run = InterpretedFunction.run
+
+    def run(self, *args, **kwargs):
+        runs.append((self.fn.__name__, depth[0] > 0))
+        return real_run(self, *args, **kwargs)
+
+    monkeypatch.setattr(common, "device_guard", guard)
+    monkeypatch.setattr(InterpretedFunction, "run", run)
+    x = torch.randn(70, 16, requires_grad=True)
+    a = torch.randn(3, 4, 16, requires_grad=True)
+    b = torch.randn(3, 8, 4, requires_grad=True)
+    probs, ids, gates = moelora.topk_route(torch.randn(70, 3), 2, backend="triton")
+    y = moelora.molora_linear(x, torch.randn(8, 16), None, a, b, ids, gates, 0.5, backend="triton")
+    heads = torch.randn(2, 33, 16, requires_grad=True)
+    logp = moelora.expert_logprobs(x, heads, torch.randint(0, 33, (70,)), backend="triton")
+    (y.sum() + logp.sum()).backward()
+    names = {name for name, _ in runs}
+    assert {"_topk_route_kernel", "_forward_kernel", "_grad_head_kernel"} <= names, names
+    assert any("shrink" in n for n in names) and any("wgrad" in n for n in names), names
+    assert all(inside for _, inside in runs), [n for n, inside in runs if not inside]

@@ -535,10 +535,16 @@ def test_unknown_or_unavailable_backend():
             moelora.molora_linear(**p, backend="cuda")
 
 
-def test_auto_never_picks_the_interpreter():
-    if DEVICE.type == "cpu":
-        from moelora.ops.molora_linear.op import BACKENDS as OP
-        assert OP.resolve("auto", DEVICE, (torch.float32,)) in ("cpu", "torch")
+def test_auto_never_picks_the_interpreter(monkeypatch):
+    """CPU tensors go to the compiled kernels or torch, even with the interpreter on; the
+    interpreter runs only when named."""
+    from moelora.ops.molora_linear.op import BACKENDS as OP
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.delenv("MOELORA_BACKEND", raising=False)
+    assert OP.resolve("auto", torch.device("cpu"), (torch.float32,)) in ("cpu", "torch")
+    if "triton" in OP.available("cpu"):
+        assert OP.resolve("triton", torch.device("cpu"), (torch.float32,)) == "triton"
 
 
 # --------------------------------------------------------------------------------------------

@@ -140,3 +140,13 @@ def test_routes_into_molora_linear_under_compile():
 def test_bad_input_is_named(logits, k, kwargs, exc, match):
     with pytest.raises(exc, match=match):
         moelora.topk_route(logits, k, **kwargs)
+
+
+def test_cpu_backend_name_is_accepted_like_the_core_ops():
+    """backend="cpu" runs on CPU tensors (torch's softmax / topk are this op's CPU kernels), as
+    molora_linear accepts it; the result is the torch backend's."""
+    logits = torch.randn(5, 6)
+    got = moelora.topk_route(logits, 2, backend="cpu")
+    want = moelora.topk_route(logits, 2, backend="torch")
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)

@@ -1,9 +1,8 @@
 """Every launch choice of the core op's Triton kernels, in one place.
 
 Tables are keyed by what decides them (whether the dot runs as exact fp32, the padded rank);
-each entry is the largest tile with no register spill in `ptxas -v` for sm_90a (the compile
-check, `python -m moelora.ops.compile_check`, lists any spill). Untimed on a GPU: the tuning
-script rewrites them from measurements.
+each entry is the largest tile with no register spill in `ptxas -v` for sm_90a. What has and
+has not been measured is in benchmarks/NOTES.md.
 """
 from __future__ import annotations
 
@@ -14,8 +13,8 @@ from moelora.ops.triton_common import env_int
 # Rows of sorted slots per program in shrink / wgrad. tl.dot needs every dim >= 16.
 GROUP_BLOCK_M = 64
 # Largest T served without a routing plan. At 64 a single token tile (BLOCK_T = 64) covers every
-# token, so the token-major kernels read each matrix as often as the grouped ones. Untimed on a
-# GPU; MOELORA_TRITON_PLAN_FREE_MAX_T overrides it (e.g. 0 forces the grouped kernels).
+# token, so the token-major kernels read each matrix as often as the grouped ones.
+# MOELORA_TRITON_PLAN_FREE_MAX_T overrides it (e.g. 0 forces the grouped kernels).
 PLAN_FREE_MAX_T = env_int("MOELORA_TRITON_PLAN_FREE_MAX_T", 64)
 
 
@@ -31,8 +30,8 @@ def token_block(T: int) -> int:
 # Launch configs, as data. Shrink and weight gradient: keyed by whether the dot runs as fp32
 # FMA (DOT_FP32) and by the padded rank, (inner tile, num_warps); the inner tile is BLOCK_K for
 # the shrinks and the slots (tokens) per step for the weight gradients. Each is the largest
-# tile with no register spill in `ptxas -v` for sm_90a (.ci/gpu_check.sh preflight lists any
-# spill), except fp32 at rank 256 and 16-bit shrink at 256 (<= 0.3 KB); untimed: retune on a GPU.
+# tile with no register spill in `ptxas -v` for sm_90a, except fp32 at rank 256 and 16-bit
+# shrink at 256 (<= 0.3 KB).
 SHRINK_CONFIGS = {
     False: {16: (64, 4), 32: (64, 8), 64: (64, 8), 128: (32, 8), 256: (16, 8)},
     True: {16: (32, 4), 32: (32, 4), 64: (16, 8), 128: (16, 8), 256: (16, 8)},

@@ -34,7 +34,7 @@ from moelora.ops.molora_linear.configs import (
     BLOCK_N, GROUP_BLOCK_M, PLAN_FREE_MAX_T, PLAN_MAX_CHUNKS, SHRINK_CONFIGS, WGRAD_CONFIGS, config,
     expand_config, plan_config, rank_block, token_block,
 )
-from moelora.ops.triton_common import device_guard, dot, dot_in_fp32
+from moelora.ops.triton_common import dot, dot_in_fp32, launch
 
 # --------------------------------------------------------------------------------------------
 # routing plan: slots grouped by expert, in blocks of GROUP_BLOCK_M rows that never straddle two
@@ -143,8 +143,8 @@ class GroupPlan:
         self.block_expert = torch.empty(max_blocks, **new)  # [max_blocks], -1: idle
         self.block_start = torch.empty(max_blocks, **new)
         self.block_end = torch.empty(max_blocks, **new)
-        _plan_histogram_kernel[(num_chunks,)](flat, hist, S, E, chunk_len, E_PAD=e_pad, SUB=sub)
-        _plan_scatter_kernel[(num_chunks,)](
+        launch(_plan_histogram_kernel, (num_chunks,), flat, hist, S, E, chunk_len, E_PAD=e_pad, SUB=sub)
+        launch(_plan_scatter_kernel, (num_chunks,),
             flat, hist, self.sorted_slots, self.expert_start, self.expert_count,
             self.block_expert, self.block_start, self.block_end,
             S, E, chunk_len, num_chunks, max_blocks,
@@ -462,12 +462,12 @@ def _shrink(src, mat, strides, out, indices, plan, *, h=None, grad_gate=None, sc
     gate_args = (h if fuse else out, grad_gate if fuse else out, scaling)
     if plan is None:
         block_t = token_block(T)
-        _token_shrink_kernel[(mat.shape[0], triton.cdiv(T, block_t))](
+        launch(_token_shrink_kernel, (mat.shape[0], triton.cdiv(T, block_t)),
             src, src.stride(0), mat, *strides, out, *gate_args, indices,
             T, K, R, k, BLOCK_T=block_t, **common,
         )
         return
-    _shrink_kernel[(plan.num_blocks,)](
+    launch(_shrink_kernel, (plan.num_blocks,),
         src, src.stride(0), mat, *strides, out, *gate_args,
         plan.sorted_slots, plan.block_expert, plan.block_start, plan.block_end,
         K, R, k, BLOCK_M=plan.block_m, **common,
@@ -486,7 +486,7 @@ def _expand(dst, vec, gates, indices, mat, strides, scaling, plan):
     common = dict(DOT_FP32=dot_in_fp32(mat.dtype, dst.dtype),  # fp32 dst: no 16-bit rounding of h / u
                   BLOCK_N=block_n, BLOCK_R=chunk, RANK_CHUNKS=chunks, num_warps=warps)
     if grouped:
-        _grouped_expand_kernel[(plan.num_blocks, triton.cdiv(N, block_n))](
+        launch(_grouped_expand_kernel, (plan.num_blocks, triton.cdiv(N, block_n)),
             dst, dst.stride(0), vec, gates,
             mat, *strides,
             plan.sorted_slots, plan.block_expert, plan.block_start, plan.block_end,
@@ -494,7 +494,7 @@ def _expand(dst, vec, gates, indices, mat, strides, scaling, plan):
         )
         return
     block_t = token_block(T)
-    _expand_kernel[(triton.cdiv(T, block_t), triton.cdiv(N, block_n))](
+    launch(_expand_kernel, (triton.cdiv(T, block_t), triton.cdiv(N, block_n)),
         dst, dst.stride(0), vec, gates, indices,
         mat, *strides,
         T, N, R, k, E, scaling, BLOCK_T=block_t, **common,
@@ -513,12 +513,12 @@ def _wgrad(src, vec, gates, indices, plan, out, strides, scaling):
     common = dict(DOT_FP32=dot_fp32, BLOCK_N=block_n, BLOCK_R=rank_block(R), num_warps=warps)
     grid = (E, triton.cdiv(N, block_n))
     if plan is None:
-        _token_wgrad_kernel[grid](
+        launch(_token_wgrad_kernel, grid,
             src, src.stride(0), vec, gates, indices, out, *strides,
             T, N, R, k, scaling, BLOCK_T=min(step, token_block(T)), **common,
         )
         return
-    _wgrad_kernel[grid](
+    launch(_wgrad_kernel, grid,
         src, src.stride(0), vec, gates,
         plan.sorted_slots, plan.expert_start, plan.expert_count,
         out, *strides,
@@ -558,11 +558,6 @@ def _a_as_expand(lora_a):  # A[e, i, c] read as [e, c, i]: dx += A_e^T u
 
 def forward(x, weight, bias, lora_a, lora_b, expert_indices, expert_weights, scaling):
     """The backend contract: see torch_backend.py."""
-    with device_guard(x):
-        return _forward(x, weight, bias, lora_a, lora_b, expert_indices, expert_weights, scaling)
-
-
-def _forward(x, weight, bias, lora_a, lora_b, expert_indices, expert_weights, scaling):
     T = x.shape[0]
     E, r, _ = lora_a.shape
     k = expert_indices.shape[1]
@@ -575,13 +570,6 @@ def _forward(x, weight, bias, lora_a, lora_b, expert_indices, expert_weights, sc
 
 
 def backward(grad_out, x, weight, lora_a, lora_b, expert_indices, expert_weights, h, scaling,
-             compute_grad_x, compute_grad_adapters):
-    with device_guard(x):
-        return _backward(grad_out, x, weight, lora_a, lora_b, expert_indices, expert_weights, h,
-                         scaling, compute_grad_x, compute_grad_adapters)
-
-
-def _backward(grad_out, x, weight, lora_a, lora_b, expert_indices, expert_weights, h, scaling,
               compute_grad_x, compute_grad_adapters):
     T = x.shape[0]
     E, r, _ = lora_a.shape
