@@ -92,16 +92,23 @@ def triton_backend(module: str) -> Backend:
     return Backend("triton", _import(module), check)
 
 
-def native_backend(name: str, forward: str, backward: Optional[str] = None) -> Backend:
-    """The compiled extension's kernel for one dispatch key: ``name`` "cpu" or "cuda"."""
+def native_backend(name: str, forward: str, backward: str, state_like: Callable) -> Backend:
+    """The compiled extension's kernels for one dispatch key (``name`` "cpu" or "cuda") of an op
+    whose native forward returns the op's outputs without a state and whose native backward
+    takes none: ``state_like`` makes the empty state the op's contract carries."""
     key = name.upper()
 
     class _Native:  # the native op is one schema; the dispatcher picks the kernel by device
-        def __getattr__(self, attr):
-            op = {"forward": forward, "backward": backward}.get(attr)
-            if op is None:
-                raise AttributeError(attr)
-            return getattr(torch.ops.moelora, op)
+        def forward(self, *args):
+            return (*getattr(torch.ops.moelora, forward)(*args), state_like(*_state_args(args)))
+
+        def backward(self, *args):
+            *head, state, scaling, need_x, need_adapters = args  # the state sits after h
+            return getattr(torch.ops.moelora, backward)(*head, scaling, need_x, need_adapters)
+
+        @staticmethod
+        def state_like(*args):
+            return state_like(*args)
 
     def check(device, dtypes):
         if device.type != name:
@@ -109,6 +116,11 @@ def native_backend(name: str, forward: str, backward: Optional[str] = None) -> B
         return extension.unavailable_reason(forward, key)
 
     return Backend(name, _Native, check)
+
+
+def _state_args(forward_args):
+    x, _, _, lora_a, _, expert_indices = forward_args[:6]
+    return x, lora_a, expert_indices
 
 
 def on_device(backend: Backend, name: str, device_type: str) -> Backend:

@@ -372,12 +372,12 @@ def test_opcheck_forward(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_opcheck_backward(backend):
     x, w, b, a, bb, idx, g, s, name = _op_args(backend)
-    _, h = torch.ops.moelora.molora_linear_fwd(x, w, b, a, bb, idx, g, s, name)
+    _, h, state = torch.ops.moelora.molora_linear_fwd(x, w, b, a, bb, idx, g, s, name)
     dy = torch.randn(x.shape[0], w.shape[0], device=DEVICE)
     for compute_grad_x, compute_grad_adapters in ((True, True), (False, True), (True, False)):
         torch.library.opcheck(
             torch.ops.moelora.molora_linear_bwd.default,
-            (dy, x, w, a, bb, idx, g, h, s, name, compute_grad_x, compute_grad_adapters),
+            (dy, x, w, a, bb, idx, g, h, state, s, name, compute_grad_x, compute_grad_adapters),
         )
 
 

@@ -121,7 +121,7 @@ def _mixing(lam: Tensor, anchors: Tensor, permutation: Optional[Tensor], localit
 
 
 def _normalised(preference: Tensor) -> Tensor:
-    lam = preference.to(torch.float64 if preference.dtype == torch.float64 else torch.float32)
+    lam = preference.to(accumulate_dtype(preference.dtype))
     return lam / lam.sum(-1, keepdim=True).clamp(min=1e-12)
 
 

@@ -20,6 +20,7 @@ from torch import Tensor
 from moelora.ops import dispatch, extension
 from moelora.ops.checks import check_range
 from moelora.ops.dtypes import accumulate_dtype
+from moelora.ops.molora_linear.torch_backend import no_state
 
 __all__ = ["molora_linear", "BACKENDS", "available_backends"]
 
@@ -29,8 +30,8 @@ _NATIVE_FWD, _NATIVE_BWD = "molora_linear_native_fwd", "molora_linear_native_bwd
 BACKENDS = dispatch.register(dispatch.OpDispatch("molora_linear", [
     dispatch.torch_backend("moelora.ops.molora_linear.torch_backend"),
     dispatch.triton_backend("moelora.ops.molora_linear.triton_backend"),
-    dispatch.native_backend("cpu", _NATIVE_FWD, _NATIVE_BWD),
-    dispatch.native_backend("cuda", _NATIVE_FWD, _NATIVE_BWD),
+    dispatch.native_backend("cpu", _NATIVE_FWD, _NATIVE_BWD, no_state),
+    dispatch.native_backend("cuda", _NATIVE_FWD, _NATIVE_BWD, no_state),
 ]))
 
 
@@ -135,21 +136,26 @@ def _molora_linear_fwd(
     expert_weights: Tensor,  # [T, k] accumulate dtype (float32, or float64)
     scaling: float,
     backend: str,
-) -> tuple[Tensor, Tensor]:  # y [T, d_out], h [T, k, r] accumulate dtype
+) -> tuple[Tensor, Tensor, Tensor]:
+    # y [T, d_out], h [T, k, r] accumulate dtype, state: what the backend's backward reuses
     return BACKENDS.impl(backend).forward(
         x, weight, bias, lora_a, lora_b, expert_indices, expert_weights, scaling
     )
 
 
-def _fake_forward(x, weight, bias, lora_a, lora_b, expert_indices, expert_weights, scaling, *backend):
-    """Shapes of the forward, for this op and the native one (which has no backend argument)."""
+def _fake_forward(x, weight, bias, lora_a, lora_b, expert_indices, expert_weights, scaling):
+    """Shapes of a forward's y and h, for this op and the native one."""
     T, k = expert_indices.shape
     y = x.new_empty(T, weight.shape[0])
     h = x.new_empty(T, k, lora_a.shape[1], dtype=expert_weights.dtype)
     return y, h
 
 
-_molora_linear_fwd.register_fake(_fake_forward)
+@_molora_linear_fwd.register_fake
+def _(x, weight, bias, lora_a, lora_b, expert_indices, expert_weights, scaling, backend):
+    y, h = _fake_forward(x, weight, bias, lora_a, lora_b, expert_indices, expert_weights, scaling)
+    state = BACKENDS.impl(backend).state_like(x, lora_a, expert_indices)
+    return y, h, state
 
 
 @torch.library.custom_op("moelora::molora_linear_bwd", mutates_args=())
@@ -162,6 +168,7 @@ def _molora_linear_bwd(
     expert_indices: Tensor,  # [T, k] int64
     expert_weights: Tensor,  # [T, k] accumulate dtype
     h: Tensor,  # [T, k, r] accumulate dtype, saved by the forward
+    state: Tensor,  # the forward's state (e.g. its routing plan), backend-private
     scaling: float,
     backend: str,
     compute_grad_x: bool,
@@ -169,16 +176,14 @@ def _molora_linear_bwd(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # grad_x, grad_lora_a, grad_lora_b, grad_weights
     # grad_x is [0] when not compute_grad_x, grad_lora_a / grad_lora_b when not compute_grad_adapters
     return BACKENDS.impl(backend).backward(
-        grad_out, x, weight, lora_a, lora_b, expert_indices, expert_weights, h, scaling,
+        grad_out, x, weight, lora_a, lora_b, expert_indices, expert_weights, h, state, scaling,
         compute_grad_x, compute_grad_adapters,
     )
 
 
 def _fake_backward(grad_out, x, weight, lora_a, lora_b, expert_indices, expert_weights, h,
-                   scaling, *rest):
-    """Shapes of the backward; ``rest`` is ``(backend, compute_grad_x, compute_grad_adapters)``
-    for this op, ``(compute_grad_x, compute_grad_adapters)`` for the native one."""
-    compute_grad_x, compute_grad_adapters = rest[-2:]
+                   scaling, compute_grad_x, compute_grad_adapters):
+    """Shapes of a backward's gradients, for this op and the native one."""
     return (
         torch.empty_like(x, memory_format=torch.contiguous_format) if compute_grad_x else x.new_empty(0),
         torch.empty_like(lora_a) if compute_grad_adapters else lora_a.new_empty(0),
@@ -187,26 +192,32 @@ def _fake_backward(grad_out, x, weight, lora_a, lora_b, expert_indices, expert_w
     )
 
 
-_molora_linear_bwd.register_fake(_fake_backward)
+@_molora_linear_bwd.register_fake
+def _(grad_out, x, weight, lora_a, lora_b, expert_indices, expert_weights, h, state, scaling,
+      backend, compute_grad_x, compute_grad_adapters):
+    return _fake_backward(grad_out, x, weight, lora_a, lora_b, expert_indices, expert_weights, h,
+                          scaling, compute_grad_x, compute_grad_adapters)
+
+
 extension.register_fake(_NATIVE_FWD, _fake_forward)
 extension.register_fake(_NATIVE_BWD, _fake_backward)
 
 
 def _setup_context(ctx, inputs, output):
     x, weight, bias, lora_a, lora_b, expert_indices, expert_weights, scaling, backend = inputs
-    _, h = output
-    ctx.mark_non_differentiable(h)
-    ctx.save_for_backward(x, weight, lora_a, lora_b, expert_indices, expert_weights, h)
+    _, h, state = output
+    ctx.mark_non_differentiable(h, state)
+    ctx.save_for_backward(x, weight, lora_a, lora_b, expert_indices, expert_weights, h, state)
     ctx.scaling = scaling
     ctx.backend = backend
 
 
-def _backward(ctx, grad_y, _grad_h):
-    x, weight, lora_a, lora_b, expert_indices, expert_weights, h = ctx.saved_tensors
+def _backward(ctx, grad_y, _grad_h, _grad_state):
+    x, weight, lora_a, lora_b, expert_indices, expert_weights, h, state = ctx.saved_tensors
     needs = ctx.needs_input_grad
     grad_y = grad_y.contiguous()
     grad_x, grad_a, grad_b, grad_g = torch.ops.moelora.molora_linear_bwd(
-        grad_y, x, weight, lora_a, lora_b, expert_indices, expert_weights, h, ctx.scaling,
+        grad_y, x, weight, lora_a, lora_b, expert_indices, expert_weights, h, state, ctx.scaling,
         ctx.backend, needs[0], needs[3] or needs[4],
     )
     # The base weight is frozen in the common case; when it trains, its gradients are plain
@@ -264,7 +275,7 @@ def molora_linear(
     x2 = x.reshape(-1, d_in)
     if x2.shape[0] == 0:  # nothing to route; keep the autograd graph to x / weight / bias
         return torch.nn.functional.linear(x, weight, bias)
-    y, _ = torch.ops.moelora.molora_linear_fwd(
+    y, _, _ = torch.ops.moelora.molora_linear_fwd(
         x2.contiguous(),
         weight.contiguous(),
         None if bias is None else bias.contiguous(),

@@ -12,10 +12,12 @@ op validates and makes inputs contiguous first):
         lora_b          [E, d_out, r]   lora_a.dtype
         expert_indices  [T, k] int64    values in [-1, E)
         expert_weights  [T, k] accumulate dtype (float32; float64 when x or lora_a is float64)
-        -> y [T, d_out] (x.dtype), h [T, k, r] accumulate dtype (A_e x_t; 0 where e = -1)
+        -> y [T, d_out] (x.dtype), h [T, k, r] accumulate dtype (A_e x_t; 0 where e = -1),
+           state: a tensor the backend's own backward reuses (its routing plan, say; shape
+           ``state_like(x, lora_a, expert_indices)``, [0] where there is nothing to keep)
 
-    backward(grad_out, x, weight, lora_a, lora_b, expert_indices, expert_weights, h, scaling,
-             compute_grad_x, compute_grad_adapters)
+    backward(grad_out, x, weight, lora_a, lora_b, expert_indices, expert_weights, h, state,
+             scaling, compute_grad_x, compute_grad_adapters)
         -> grad_x [T, d_in] (x.dtype; shape [0] when not compute_grad_x),
            grad_lora_a (lora_a.dtype), grad_lora_b (lora_b.dtype) (both shape [0] when not
            compute_grad_adapters: frozen experts skip the weight-gradient passes),
@@ -28,7 +30,15 @@ import torch.nn.functional as F
 
 from moelora.ops.dtypes import compute_dtype
 
-__all__ = ["forward", "backward"]
+__all__ = ["forward", "backward", "state_like", "no_state"]
+
+
+def no_state(x, lora_a, expert_indices) -> torch.Tensor:
+    """The state of a backend that keeps nothing between forward and backward."""
+    return expert_indices.new_empty(0)
+
+
+state_like = no_state
 
 
 def _slot_to_expert(values: torch.Tensor, idx: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -61,10 +71,10 @@ def forward(x, weight, bias, lora_a, lora_b, idx, gates, scaling):
     cd_b = compute_dtype(x.dtype, lora_b.dtype)
     delta = z.to(cd_b) @ b_flat.to(cd_b).t()
     y = (F.linear(x, weight, bias).to(acc) + delta.to(acc)).to(x.dtype)
-    return y, h
+    return y, h, no_state(x, lora_a, idx)
 
 
-def backward(grad_out, x, weight, lora_a, lora_b, idx, gates, h, scaling, compute_grad_x,
+def backward(grad_out, x, weight, lora_a, lora_b, idx, gates, h, state, scaling, compute_grad_x,
              compute_grad_adapters):
     T = x.shape[0]
     E, r, d_in = lora_a.shape

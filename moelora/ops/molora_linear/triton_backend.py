@@ -34,7 +34,10 @@ from moelora.ops.molora_linear.configs import (
     BLOCK_N, GROUP_BLOCK_M, PLAN_FREE_MAX_T, PLAN_MAX_CHUNKS, SHRINK_CONFIGS, WGRAD_CONFIGS, config,
     expand_config, plan_config, rank_block, token_block,
 )
+from moelora.ops.molora_linear.torch_backend import no_state
 from moelora.ops.triton_common import dot, dot_in_fp32, launch
+
+state_like = no_state
 
 # --------------------------------------------------------------------------------------------
 # routing plan: slots grouped by expert, in blocks of GROUP_BLOCK_M rows that never straddle two
@@ -566,10 +569,10 @@ def forward(x, weight, bias, lora_a, lora_b, expert_indices, expert_weights, sca
     h = _rank_buffer(plan, (T, k, r), x.device)
     _shrink(x, lora_a, _a_as_shrink(lora_a), h, expert_indices, plan)
     _expand(y, h, expert_weights, expert_indices, lora_b, _b_as_expand(lora_b), scaling, plan)
-    return y, h
+    return y, h, no_state(x, lora_a, expert_indices)
 
 
-def backward(grad_out, x, weight, lora_a, lora_b, expert_indices, expert_weights, h, scaling,
+def backward(grad_out, x, weight, lora_a, lora_b, expert_indices, expert_weights, h, state, scaling,
               compute_grad_x, compute_grad_adapters):
     T = x.shape[0]
     E, r, _ = lora_a.shape
