@@ -15,6 +15,10 @@ import torch
 import triton
 import triton.language as tl
 
+from torch.utils._python_dispatch import _disable_current_modes
+from triton.tools.tensor_descriptor import TensorDescriptor
+
+from moelora.ops import traffic
 from moelora.ops.dispatch import interpreting
 
 __all__ = ["INTERPRETING", "dot", "dot_in_fp32", "device_guard", "launch", "env_int",
@@ -80,11 +84,21 @@ def device_guard(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
-def launch(kernel, grid, *args, **kwargs) -> None:
-    """``kernel[grid](*args, **kwargs)`` on the device of the first tensor argument."""
-    first = next(a for a in args if isinstance(a, torch.Tensor))
-    with device_guard(first):
-        kernel[grid](*args, **kwargs)
+def launch(kernel, grid, *args, reads=None, writes=None, **kwargs) -> None:
+    """``kernel[grid](*args, **kwargs)`` on the device of the first tensor argument.
+
+    ``reads`` / ``writes`` ({label: tensor or (tensor, times)}) declare the launch's compulsory
+    HBM traffic for `moelora.ops.traffic`; with a recorder active the launch is recorded, and on
+    meta tensors it is not started."""
+    tensors = [a for a in args if isinstance(a, torch.Tensor)] + [
+        a.base for a in args if isinstance(a, TensorDescriptor)]
+    recorder = traffic.active()
+    if recorder is not None:
+        recorder.record_triton(kernel, grid, args, kwargs, reads or {}, writes or {})
+        if any(t.is_meta for t in tensors):
+            return
+    with device_guard(tensors[0]), _disable_current_modes():  # the interpreter's own torch ops
+        kernel[grid](*args, **kwargs)                           # are not launches
 
 
 def env_int(name: str, default: int) -> int:
@@ -120,4 +134,4 @@ def assert_in_range(values: torch.Tensor, low: int, high: int, exempt=None) -> N
     block = 1024
     launch(_in_range_kernel, (triton.cdiv(flat.numel(), block),), flat, flat.numel(), low, high,
            0 if exempt is None else exempt, HAS_EXEMPT=exempt is not None, BLOCK=block,
-           sanitize_overflow=False)
+           sanitize_overflow=False, reads={"values": flat})
