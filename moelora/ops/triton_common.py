@@ -53,8 +53,21 @@ def _patch_interpreter_dot() -> None:
     builder.create_dot = create_dot
 
 
+def _interpreter_asserts() -> None:
+    """Kernels launched with debug=True compile their device asserts in; the interpreter has one
+    set of options for every launch, so turn its asserts on (its overflow checks stay off, as
+    they are in our GPU builds)."""
+    from dataclasses import replace
+
+    from triton.runtime import interpreter
+
+    builder = interpreter.interpreter_builder
+    builder.options = replace(builder.options, debug=True, sanitize_overflow=False)
+
+
 if INTERPRETING:
     _patch_interpreter_dot()
+    _interpreter_asserts()
 
 
 @triton.jit
