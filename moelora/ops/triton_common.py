@@ -72,10 +72,11 @@ if INTERPRETING:
 
 @triton.jit
 def dot(a, b, DOT_FP32: tl.constexpr):
-    """a @ b of two tiles into fp32: exact fp32 FMA (``input_precision="ieee"``) for fp32 or
-    mixed operands, the tensor cores in the operands' 16-bit type otherwise (the fp32 side of a
-    mixed pair is rounded to the other's type first, as autocast would)."""
-    if DOT_FP32:
+    """a @ b of two tiles into fp32. DOT_FP32: exact fp32 FMA (``input_precision="ieee"``).
+    Otherwise the tensor cores in the 16-bit type of the operands, an fp32 operand (fp32
+    adapters, fp32 rank vectors) rounded to the other's type first, as autocast would; two fp32
+    operands never go through TF32."""
+    if DOT_FP32 or (a.dtype == tl.float32 and b.dtype == tl.float32):
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
     elif a.dtype == b.dtype:
         return tl.dot(a, b)
@@ -85,10 +86,12 @@ def dot(a, b, DOT_FP32: tl.constexpr):
         return tl.dot(a, b.to(a.dtype))
 
 
-def dot_in_fp32(*dtypes: torch.dtype) -> bool:
-    """Whether a dot of these operand dtypes runs as exact fp32 (True) or on the tensor cores in
-    their shared 16-bit type (False)."""
-    return len(set(dtypes)) != 1 or dtypes[0] not in (torch.bfloat16, torch.float16)
+def dot_in_fp32(activation_dtype: torch.dtype) -> bool:
+    """The precision rule of every kernel: exact fp32 dots when the activations (x, dy and the
+    outputs) are fp32; the tensor cores when they are 16-bit, whatever the adapters' dtype
+    (bf16 activations with fp32 adapters, PEFT's default, round the adapter tile as autocast
+    would, docs/perf.md)."""
+    return activation_dtype not in (torch.bfloat16, torch.float16)
 
 
 def device_guard(t: torch.Tensor):

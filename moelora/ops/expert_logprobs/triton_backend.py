@@ -194,7 +194,7 @@ def forward(hidden, heads, targets, ignore_index):
         _forward_kernel, (triton.cdiv(T, block_t), K),
         hidden, heads, targets, logp, lse,
         T, V, D, K, ignore_index,
-        DOT_FP32=dot_in_fp32(hidden.dtype, heads.dtype),
+        DOT_FP32=hidden.dtype != heads.dtype or dot_in_fp32(hidden.dtype),
         BLOCK_T=block_t, BLOCK_V=block_v, BLOCK_D=block_d,
     )
     return logp, lse
@@ -209,7 +209,7 @@ def backward(grad_logp, hidden, heads, targets, lse, ignore_index, compute_grad_
     # c[t, k]: the upstream gradient, zero where the target is ignored (its logp is a constant)
     coef = torch.where((targets != ignore_index).unsqueeze(1), grad_logp.float(), 0.0).contiguous()
     block_t, block_v, block_d = _blocks(T, D)
-    dot_fp32 = dot_in_fp32(hidden.dtype, heads.dtype)
+    dot_fp32 = hidden.dtype != heads.dtype or dot_in_fp32(hidden.dtype)
     grad_hidden = hidden.new_empty(0)
     if compute_grad_hidden:
         partial = torch.zeros(K, T, D, dtype=torch.float32, device=device)

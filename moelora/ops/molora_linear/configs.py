@@ -12,6 +12,7 @@ route where it applies), MOELORA_TRITON_GEMM (fused / cublas: force the large-T 
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -22,7 +23,7 @@ from typing import Optional
 import torch
 import triton
 
-from moelora.ops.triton_common import INTERPRETING, env_int
+from moelora.ops.triton_common import env_int
 
 DECODE_MAX_T = env_int("MOELORA_TRITON_DECODE_MAX_T", 64)
 FORCED_ROUTE = os.environ.get("MOELORA_TRITON_ROUTE", "") or None
@@ -41,15 +42,53 @@ _LAUNCH_S = 3e-6
 
 
 @dataclass(frozen=True)
+class Target:
+    """What a launch is configured for: the GPU's compute capability (major; 0 is Triton's
+    interpreter on CPU tensors), its multiprocessor count and its name."""
+
+    arch: int
+    sms: int
+    name: Optional[str] = None
+
+
+_INTERPRETER = Target(0, 3)  # 3 "programs": fewer than tiles, so persistent loops are exercised
+_SIMULATED: Optional[Target] = None
+
+
+@contextlib.contextmanager
+def simulate(arch: int = 9, sms: int = 132, name: Optional[str] = "NVIDIA H200"):
+    """Configure launches on meta tensors as for this GPU (default: the H200 of docs/perf.md):
+    the traffic test and the compile check see exactly what the launchers would pick there."""
+    global _SIMULATED
+    previous, _SIMULATED = _SIMULATED, Target(arch, sms, name)
+    try:
+        yield _SIMULATED
+    finally:
+        _SIMULATED = previous
+
+
+def target(device: torch.device) -> Target:
+    if _SIMULATED is not None and device.type == "meta":
+        return _SIMULATED
+    if device.type == "cuda" and torch.cuda.is_available():
+        return _cuda_target(device.index if device.index is not None else torch.cuda.current_device())
+    return _INTERPRETER
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_target(index: int) -> Target:
+    props = torch.cuda.get_device_properties(index)
+    return Target(props.major, props.multi_processor_count, props.name)
+
+
+@dataclass(frozen=True)
 class Route:
     kind: str  # "decode", "dense" or "grouped"
     gemm: str  # large-T GEMM with the rank-space extension: "fused" (one Triton launch) or "cublas"
 
 
 def _peaks(device: torch.device) -> tuple:
-    if device.type == "cuda" and torch.cuda.is_available():
-        return _PEAKS.get(torch.cuda.get_device_capability(device)[0], _DEFAULT_PEAK)
-    return _DEFAULT_PEAK
+    return _PEAKS.get(target(device).arch, _DEFAULT_PEAK)
 
 
 def choose_route(device: torch.device, dtype: torch.dtype, T: int, d_in: int, E: int, r: int,
@@ -89,25 +128,19 @@ class GemmConfig:
     tma: bool  # tensor descriptors (TMA) for A, W, Z and the output where aligned
 
 
-def _arch(device: torch.device) -> int:
-    if device.type == "cuda" and torch.cuda.is_available():
-        return torch.cuda.get_device_capability(device)[0]
-    return 0  # the interpreter
-
-
 def default_gemm_config(arch: int, dtype: torch.dtype, KX: int) -> GemmConfig:
     block_kx = max(16, min(64, triton.next_power_of_2(KX)))
     if arch == 0:  # the interpreter: small tiles, so tests cross tile and program boundaries
         return GemmConfig(16, 16, 16, 16, 2, 4, 1, True)
-    if dtype == torch.float32:  # exact fp32 (FMA): registers, not tensor cores, bound the tile
-        return GemmConfig(64, 64, 32, min(block_kx, 32), 8, 4, 3, arch >= 9)
+    if dtype == torch.float32:  # exact fp32 (FMA): registers bound the tile (4 warps spill 1.6 KB)
+        return GemmConfig(64, 64, 32, min(block_kx, 32), 8, 8, 3, arch >= 9)
     if arch >= 9:  # Hopper: 128 x 128 wgmma tiles fed by TMA, 4 stages of 32 KiB
         return GemmConfig(128, 128, 64, block_kx, 8, 8, 4, True)
     return GemmConfig(128, 128, 32, min(block_kx, 32), 8, 8, 4, False)
 
 
 def gemm_config(device: torch.device, dtype: torch.dtype, M: int, N: int, K: int, KX: int) -> GemmConfig:
-    cfg = default_gemm_config(_arch(device), dtype, KX)
+    cfg = default_gemm_config(target(device).arch, dtype, KX)
     entry = _measured_gemm(device, dtype, M, N, K, KX)
     if entry and entry.get("tiles"):
         cfg = replace(cfg, **entry["tiles"])
@@ -124,14 +157,7 @@ def gemm_choice(device: torch.device, dtype: torch.dtype, M: int, K: int, KX: in
 
 
 def persistent_programs(device: torch.device, cfg: GemmConfig) -> int:
-    if device.type == "cuda" and torch.cuda.is_available():
-        return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    return 3  # the interpreter: fewer programs than tiles, so the persistent loop is exercised
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
+    return target(device).sms  # one 128 x 128 tile's program per multiprocessor
 
 
 # --------------------------------------------------------------------------------------------
@@ -146,20 +172,22 @@ class ShrinkConfig:
     num_warps: int
 
 
-def shrink_config(T: int, E: int, R: int, dot_fp32: bool) -> ShrinkConfig:
+def shrink_config(device: torch.device, T: int, E: int, R: int, dot_fp32: bool) -> ShrinkConfig:
     """Whole experts per program, up to 256 rank columns (128 in fp32, whose FMA dot holds the
-    tile in registers); 128 tokens per 16-bit program: each program streams all of A_all from
-    L2, so that traffic is E r / block_t times x's (1x at E r = 128)."""
+    tile in registers). Each program streams all of A_all from L2 (E r / block_t times x's
+    bytes: 2x at E r = 128 and 64 tokens). 128 tokens per program halve that but spill (the
+    accumulator and the rank-space tile together: 255 registers and 1-2 KB of spills at
+    E r = 128 in ptxas for sm_90a); 64 tokens and 8 warps do not."""
     rank_p = triton.next_power_of_2(R)
     cols = 128 if dot_fp32 else 256
     experts = min(max(1, cols // rank_p), triton.next_power_of_2(E))
     experts = max(experts, triton.cdiv(16, rank_p))  # tl.dot: at least 16 columns
     width = experts * rank_p
-    if INTERPRETING:
+    if target(device).arch == 0:
         return ShrinkConfig(16, 16, rank_p, experts, 4)
     if dot_fp32:
         return ShrinkConfig(32, 32 if width <= 64 else 16, rank_p, experts, 4 if width <= 64 else 8)
-    return ShrinkConfig(128 if width <= 128 else 64, 64, rank_p, experts, 8)
+    return ShrinkConfig(64 if width <= 128 else 32, 64, rank_p, experts, 8)
 
 
 # --------------------------------------------------------------------------------------------
@@ -178,17 +206,21 @@ class DecodeConfig:
 
 
 def decode_config(device: torch.device, T: int, N: int, K: int, ER: int) -> DecodeConfig:
+    tgt = target(device)
+    small = tgt.arch == 0  # the interpreter: small tiles, so tests cross their boundaries
     block_t = max(16, triton.next_power_of_2(T))
-    block_n = 16 if INTERPRETING else 32
-    block_k = 16 if INTERPRETING else (128 if block_t <= 16 else 64)
+    block_n = 16 if small else 32
+    block_k = 16 if small else (128 if block_t <= 16 else 64)
     tiles = triton.cdiv(N, block_n) + triton.cdiv(ER, block_n)
-    programs = 2 * (_sm_count(device.index or 0) if device.type == "cuda" and torch.cuda.is_available() else 2)
+    programs = 2 * (2 if small else tgt.sms)  # two waves' worth of loads in flight
     splits = max(1, min(triton.cdiv(programs, tiles), K // (4 * block_k) or 1))
     k_per_split = triton.cdiv(triton.cdiv(K, splits), block_k) * block_k
     splits = triton.cdiv(K, k_per_split)
-    block_c = max(16, min(64 if INTERPRETING else 128, triton.next_power_of_2(ER)))
-    return DecodeConfig(block_t, block_n, block_k, splits, k_per_split, 16 if INTERPRETING else 64,
-                        block_c, 4)
+    # the epilogue holds [block_t, 64] tiles of partials, rank vectors and output: at 64 tokens
+    # 128 rank columns or 4 warps spill (ptxas, sm_90a)
+    block_c = max(16, min(64, triton.next_power_of_2(ER)))
+    return DecodeConfig(block_t, block_n, block_k, splits, k_per_split, 16 if small else 64, block_c,
+                        8 if block_t >= 64 else 4)
 
 
 # --------------------------------------------------------------------------------------------
@@ -264,13 +296,6 @@ def _tables() -> tuple:
     return tuple(tables)
 
 
-@functools.lru_cache(maxsize=None)
-def _device_name(device: torch.device) -> Optional[str]:
-    if device.type == "cuda" and torch.cuda.is_available():
-        return torch.cuda.get_device_name(device)
-    return None
-
-
 def gemm_key(dtype: torch.dtype, K: int, KX: int) -> str:
     return f"{str(dtype).removeprefix('torch.')}:K{K}:KX{KX}"
 
@@ -278,7 +303,7 @@ def gemm_key(dtype: torch.dtype, K: int, KX: int) -> str:
 def _measured_gemm(device, dtype, M, N, K, KX) -> Optional[dict]:
     """The tuning script's verdict for this device, dtype, reduction size and rank space, at the
     largest measured M not above this one: {"impl": "fused" | "cublas", "tiles": {...}}."""
-    name = _device_name(device)
+    name = target(device).name
     if name is None:
         return None
     for table in _tables():

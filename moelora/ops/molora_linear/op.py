@@ -114,10 +114,13 @@ def _validate(x, weight, bias, lora_a, lora_b, expert_indices, expert_weights, s
         x.device, weight=weight, bias=bias, lora_a=lora_a, lora_b=lora_b,
         expert_indices=expert_indices, expert_weights=expert_weights,
     )
-    _check_expert_range(expert_indices, E)
 
 
-def _check_expert_range(expert_indices: Tensor, num_experts: int) -> None:
+def _check_expert_range(expert_indices: Tensor, num_experts: int, backend: str) -> None:
+    """A backend whose kernels assert on the ids themselves (CHECKS_IDS) needs no launch of its
+    own for the check on a GPU; on CPU tensors every backend gets the named ValueError."""
+    if expert_indices.device.type != "cpu" and getattr(BACKENDS.impl(backend), "CHECKS_IDS", False):
+        return
     check_range(expert_indices, -1, num_experts, name="expert_indices",
                 expected=f"lie in [-1, {num_experts}) (E = {num_experts}, -1 = no expert)")
 
@@ -268,6 +271,7 @@ def molora_linear(
     """
     _validate(x, weight, bias, lora_a, lora_b, expert_indices, expert_weights, scaling)
     backend = BACKENDS.resolve(backend, x.device, (x.dtype, lora_a.dtype))
+    _check_expert_range(expert_indices, lora_a.shape[0], backend)
     lead = x.shape[:-1]
     d_in = x.shape[-1]
     d_out = weight.shape[0]

@@ -43,7 +43,10 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from moelora.ops.molora_linear import configs
 from moelora.ops.triton_common import dot, dot_in_fp32, launch
 
-__all__ = ["forward", "backward", "state_like"]
+__all__ = ["forward", "backward", "state_like", "CHECKS_IDS"]
+
+# Every route's first kernel asserts that the ids lie in [-1, E): the op adds no check launch.
+CHECKS_IDS = True
 
 # A device assert compiles only into kernels built with debug=True; the overflow checks debug
 # would add to every integer op stay off.
@@ -220,7 +223,7 @@ def _decode_partial_kernel(
     part_ptr,  # [SPLITS, T, N + E * R] fp32 out: partial sums over this split's K range
     index_ptr,  # [T, k] ids, checked here
     T, N, K, ER, E, num_ids, k_per_split,
-    DOT_FP32_W: tl.constexpr, DOT_FP32_A: tl.constexpr,
+    DOT_FP32: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_IDS: tl.constexpr,
 ):
     # program (row tile, K split) over the stacked rows [W ; A_all]: W's tiles first, then A's
@@ -236,13 +239,13 @@ def _decode_partial_kernel(
     if pid_n < tiles_w:
         row0 = pid_n * BLOCK_N
         acc = _gemv_rows(x_ptr, stride_x, w_ptr, stride_w, offs_t, t_mask, row0, N, k_begin, k_end,
-                         DOT_FP32_W, BLOCK_N, BLOCK_K, BLOCK_T)
+                         DOT_FP32, BLOCK_N, BLOCK_K, BLOCK_T)
         cols = row0 + tl.arange(0, BLOCK_N)
         tl.store(out + cols[None, :], acc, mask=t_mask[:, None] & (cols < N)[None, :])
     else:
         row0 = (pid_n - tiles_w) * BLOCK_N
         acc = _gemv_rows(x_ptr, stride_x, a_ptr, K, offs_t, t_mask, row0, ER, k_begin, k_end,
-                         DOT_FP32_A, BLOCK_N, BLOCK_K, BLOCK_T)
+                         DOT_FP32, BLOCK_N, BLOCK_K, BLOCK_T)
         cols = row0 + tl.arange(0, BLOCK_N)
         tl.store(out + N + cols[None, :], acc, mask=t_mask[:, None] & (cols < ER)[None, :])
     if (pid_n == 0) & (pid_s == 0):  # the expert-id check, in the same launch
@@ -488,6 +491,8 @@ def _grouped_expand_kernel(
                       mask=row_mask[:, None] & r_mask[None, :], other=0.0) * gate[:, None]
         mat = tl.load(mat_ptr + expert.to(tl.int64) * stride_me + offs_r[:, None] * stride_mi
                       + offs_n[None, :] * stride_mn, mask=r_mask[:, None] & n_mask[None, :], other=0.0)
+        if not DOT_FP32:  # the 16-bit output's type: tensor cores, as autocast would
+            vec = vec.to(dst_ptr.dtype.element_ty)
         acc += dot(vec, mat, DOT_FP32)
     dst = dst_ptr + slots[:, None] * stride_dst + offs_n[None, :]  # slot == token when k = 1
     dst_mask = row_mask[:, None] & n_mask[None, :]
@@ -534,11 +539,6 @@ def _grouped_wgrad_kernel(
 # ============================================================================================
 # launchers
 # ============================================================================================
-def _tensor_core_dtype(*dtypes: torch.dtype) -> bool:
-    """The dot runs on the tensor cores in 16 bits (False: exact fp32)."""
-    return not dot_in_fp32(*dtypes)
-
-
 class GroupPlan:
     """Slots grouped by expert in blocks of ``block_m`` rows that never straddle two experts,
     all in one int64 tensor (the forward's state), so the backward reuses it.
@@ -573,7 +573,7 @@ class GroupPlan:
                plan.block_expert, plan.block_start, plan.block_end,
                S, E, chunk_len, num_chunks, plan.num_blocks,
                BLOCK_M=block_m, E_PAD=e_pad, **tiles,
-               reads={"expert_indices": flat, "histogram": (hist, num_chunks)}, writes={"plan": plan.state})
+               reads={"expert_indices": flat, "histogram": hist}, writes={"plan": plan.state})
         return plan
 
 
@@ -591,8 +591,8 @@ def _shrink_dense(src, mat, strides, R, indices, gates, scaling, *, h=None, chec
     vec = torch.empty(T, k, R, dtype=torch.float32, device=src.device)
     z = torch.empty(T, E * R, dtype=src.dtype, device=src.device)
     grad_gates = torch.empty(T, k, dtype=torch.float32, device=src.device) if h is not None else vec
-    dot_fp32 = dot_in_fp32(src.dtype, mat.dtype)
-    cfg = configs.shrink_config(T, E, R, dot_fp32)
+    dot_fp32 = dot_in_fp32(src.dtype)
+    cfg = configs.shrink_config(src.device, T, E, R, dot_fp32)
     grid = (triton.cdiv(T, cfg.block_t), triton.cdiv(E, cfg.experts))
     # x once per expert group (one group when E * r fits a tile); the adapters once
     reads = {"src": (src, grid[1]), "mat": mat, "expert_indices": indices, "expert_weights": gates}
@@ -628,7 +628,7 @@ def _gemm(a, w, z, ext, ext_strides, rank, bias, out_dtype, *, w_kn: bool):
         operands = [TensorDescriptor.from_tensor(t, b) for t, b in zip(operands, blocks)]
     tiles = triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n)
     programs = min(tiles, configs.persistent_programs(a.device, cfg))
-    dot_fp32 = dot_in_fp32(a.dtype, w.dtype)
+    dot_fp32 = dot_in_fp32(a.dtype)
     launch(_fused_gemm_kernel, (programs,),
            operands[0], a.stride(0), operands[1], w.stride(0), operands[2], z.stride(0),
            ext, *ext_strides, bias if bias is not None else out, operands[3], out.stride(0),
@@ -677,7 +677,7 @@ def _decode(x, weight, bias, lora_a, lora_b, indices, gates, scaling):
     a_rows = lora_a.reshape(ER, K)
     launch(_decode_partial_kernel, (tiles, cfg.splits), x, x.stride(0), weight, weight.stride(0), a_rows,
            part, indices, T, N, K, ER, E, indices.numel(), cfg.k_per_split,
-           DOT_FP32_W=dot_in_fp32(x.dtype, weight.dtype), DOT_FP32_A=dot_in_fp32(x.dtype, lora_a.dtype),
+           DOT_FP32=dot_in_fp32(x.dtype),
            BLOCK_T=cfg.block_t, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
            BLOCK_IDS=triton.next_power_of_2(max(indices.numel(), 16)), num_warps=cfg.num_warps,
            reads={"x": x, "weight": weight, "lora_a": lora_a, "expert_indices": indices},
@@ -688,7 +688,7 @@ def _decode(x, weight, bias, lora_a, lora_b, indices, gates, scaling):
     launch(_decode_epilogue_kernel, (triton.cdiv(N, cfg.block_n2),), part, bias if bias is not None else y,
            y, y.stride(0), h, z, z.stride(0), indices, gates, lora_b, *_strides(lora_b, 0, 1, 2),
            T, N, ER, R, E, k, cfg.splits, scaling,
-           HAS_BIAS=bias is not None, DOT_FP32=dot_in_fp32(x.dtype, lora_b.dtype),
+           HAS_BIAS=bias is not None, DOT_FP32=dot_in_fp32(x.dtype),
            BLOCK_T=cfg.block_t, BLOCK_N=cfg.block_n2, BLOCK_C=cfg.block_c, num_warps=cfg.num_warps,
            reads={"partials": part, "lora_b": lora_b, "expert_indices": indices, "expert_weights": gates,
                   **({"bias": bias} if bias is not None else {})},
@@ -699,7 +699,7 @@ def _decode(x, weight, bias, lora_a, lora_b, indices, gates, scaling):
 def _grouped_shrink(src, mat, strides, plan, out, k, *, h=None, grad_gates=None, scaling=1.0):
     K = src.shape[1]
     R = out.shape[-1]
-    dot_fp32 = dot_in_fp32(src.dtype, mat.dtype)
+    dot_fp32 = dot_in_fp32(src.dtype)
     block_k, warps = configs.grouped_shrink_config(dot_fp32, configs.rank_block(R))
     fuse = h is not None
     launch(_grouped_shrink_kernel, (plan.num_blocks,), src, src.stride(0), mat, *strides, out,
@@ -729,7 +729,7 @@ def _grouped_expand(dst, vec, gates, plan, mat, strides, scaling):
     chunk, chunks, warps = configs.expand_config(R)
     launch(_grouped_expand_kernel, (plan.num_blocks, triton.cdiv(N, configs.BLOCK_N)), dst, dst.stride(0),
            vec, gates, mat, *strides, plan.sorted_slots, plan.block_expert, plan.block_start, plan.block_end,
-           N, R, scaling, DOT_FP32=dot_in_fp32(mat.dtype, dst.dtype), BLOCK_M=plan.block_m,
+           N, R, scaling, DOT_FP32=dot_in_fp32(dst.dtype), BLOCK_M=plan.block_m,
            BLOCK_N=configs.BLOCK_N, BLOCK_R=chunk, RANK_CHUNKS=chunks, num_warps=warps,
            reads={"dst": dst, "vec": vec, "mat": mat, "plan": plan.state}, writes={"dst": dst})
 
