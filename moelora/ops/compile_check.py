@@ -1,4 +1,4 @@
-"""Compile every Triton kernel the core op launches at docs/perf.md's shapes, exactly as the
+"""Compile every Triton kernel the core op (and the head log-probs) launch at docs/perf.md's shapes, exactly as the
 launchers specialise it, for a GPU this machine need not have (default sm_90a, the H200), and
 report what the hardware will run: registers, spills, and whether the fused GEMM's main loop
 is TMA loads feeding wgmma.
@@ -36,6 +36,8 @@ CASES = [
     ("fp32", 8192, 8, 16, 2, "fused", torch.float32, torch.float32),
 ]
 D = 4096
+# the per-expert heads log-probs (MoE-DPO): (name, T, V, K)
+LOGPROB_CASES = [("moe-dpo-logprobs", 4096, 32000, 4)]
 
 
 @dataclass
@@ -81,6 +83,28 @@ def collect(case) -> list:
     return [launch for launch in record.launches if launch.kind == "triton"]
 
 
+def collect_logprobs(case) -> list:
+    """The Triton launches of the head log-probs' forward and backward at one case's shape."""
+    from moelora.ops.expert_logprobs import triton_backend
+    from moelora.ops.molora_linear import configs
+    from moelora.ops.traffic import Traffic
+
+    name, T, V, K = case
+    meta = dict(device="meta")
+    hidden = torch.empty(T, D, dtype=torch.bfloat16, **meta)
+    heads = torch.empty(K, V, D, dtype=torch.bfloat16, **meta)
+    targets = torch.empty(T, dtype=torch.int64, **meta)
+    with configs.simulate(), Traffic() as record:
+        logp, lse, basis = triton_backend.forward(hidden, heads, targets, -100, False)
+        triton_backend.backward(torch.empty_like(logp), hidden, heads, targets, lse, basis, -100, True, True)
+    seen, out = set(), []
+    for launch in record.launches:  # the row kernels repeat per chunk: compile each once
+        if launch.kind == "triton" and launch.name not in seen:
+            seen.add(launch.name)
+            out.append(launch)
+    return out
+
+
 def compile_launch(launch, arch: int = 90):
     """triton.compile of one recorded launch for cuda:<arch>, as JITFunction.run would."""
     from triton import knobs
@@ -122,10 +146,11 @@ def inspect(compiled, arch: int = 90) -> dict:
                 wgmma="HGMMA" in sass, tma_loads="UTMALDG" in sass)
 
 
-def run(cases=CASES, arch: int = 90) -> list:
+def run(cases=CASES, arch: int = 90, logprob_cases=LOGPROB_CASES) -> list:
     reports, seen = [], set()
-    for case in cases:
-        for launch in collect(case):
+    work = [(case, collect(case)) for case in cases] + [(case, collect_logprobs(case)) for case in logprob_cases]
+    for case, launches in work:
+        for launch in launches:
             compiled, constants = compile_launch(launch, arch)
             key = (launch.name, compiled.hash if hasattr(compiled, "hash") else id(compiled))
             if key in seen:
@@ -160,8 +185,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         parser.error("unset TRITON_INTERPRET: the interpreter compiles nothing")
-    cases = [c for c in CASES if not args.cases or c[0] in args.cases.split(",")]
-    reports = run(cases, args.arch)
+    wanted = args.cases.split(",") if args.cases else None
+    cases = [c for c in CASES if not wanted or c[0] in wanted]
+    logprob_cases = [c for c in LOGPROB_CASES if not wanted or c[0] in wanted]
+    reports = run(cases, args.arch, logprob_cases)
     print(f"{'case':<22} {'kernel':<28} {'regs':>5} {'spill':>6} {'smem KiB':>8} {'wgmma':>6} {'tma':>4}")
     for rep in reports:
         print(f"{rep.case:<22} {rep.kernel:<28} {rep.registers:>5} {rep.spill_bytes:>6} "

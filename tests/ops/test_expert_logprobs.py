@@ -20,7 +20,7 @@ from conftest import DEVICE
 from helpers import bound, rel_error
 
 el = importlib.import_module("moelora.ops.expert_logprobs.op")
-torch_backend = importlib.import_module("moelora.ops.expert_logprobs.torch_backend")
+chunked = importlib.import_module("moelora.ops.expert_logprobs.chunked")
 
 BACKENDS = [b for b in ("torch", "triton") if b in el.BACKENDS.available(DEVICE)]
 
@@ -36,9 +36,9 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
 @pytest.fixture(autouse=True)
-def _small_torch_chunks(monkeypatch):
+def _small_chunks(monkeypatch):
     # 200 elements: 2 rows per chunk at V = 70, 1 at V = 130, one chunk at V <= 33.
-    monkeypatch.setattr(torch_backend, "TORCH_CHUNK_ELEMENTS", 200)
+    monkeypatch.setitem(chunked.CHUNK_ELEMENTS, DEVICE.type, 200)
 
 
 def _shape_id(shape):
@@ -125,7 +125,7 @@ def test_float64_on_torch_is_exact():
 
 
 def test_default_chunking_matches(monkeypatch):
-    monkeypatch.setattr(torch_backend, "TORCH_CHUNK_ELEMENTS", 1 << 20)
+    monkeypatch.setitem(chunked.CHUNK_ELEMENTS, DEVICE.type, 1 << 20)
     check_against_reference("torch", _problem(17, 20, 70, 3, 0.25), torch.float32)
 
 
@@ -236,23 +236,47 @@ def _op_inputs(hidden_dtype=torch.float32):
 OP_DTYPES = [torch.float32, torch.bfloat16]
 
 
+@pytest.mark.parametrize("precompute", [False, True])
 @pytest.mark.parametrize("hidden_dtype", OP_DTYPES, ids=str)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_opcheck_forward(backend, hidden_dtype):
+def test_opcheck_forward(backend, hidden_dtype, precompute):
     hidden, heads, targets = _op_inputs(hidden_dtype)
-    args = (hidden.requires_grad_(), heads.requires_grad_(), targets, -100, backend)
+    args = (hidden.requires_grad_(), heads.requires_grad_(not precompute), targets, -100, backend, precompute)
     torch.library.opcheck(torch.ops.moelora.expert_logprobs_fwd.default, args)
 
 
+@pytest.mark.parametrize("precompute", [False, True])
 @pytest.mark.parametrize("hidden_dtype", OP_DTYPES, ids=str)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_opcheck_backward(backend, hidden_dtype):
+def test_opcheck_backward(backend, hidden_dtype, precompute):
     hidden, heads, targets = _op_inputs(hidden_dtype)
-    _, lse = torch.ops.moelora.expert_logprobs_fwd(hidden, heads, targets, -100, backend)
+    _, lse, basis = torch.ops.moelora.expert_logprobs_fwd(hidden, heads, targets, -100, backend, precompute)
     grad = torch.randn(lse.shape, device=DEVICE)
-    for flags in ((True, True), (True, False), (False, True)):
+    flag_sets = ((True, False),) if precompute else ((True, True), (True, False), (False, True))
+    for flags in flag_sets:
         torch.library.opcheck(torch.ops.moelora.expert_logprobs_bwd.default,
-                              (grad, hidden, heads, targets, lse, -100, backend, *flags))
+                              (grad, hidden, heads, targets, lse, basis, -100, backend, *flags))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_frozen_heads_take_the_backward_without_a_gemm(backend, dtype, monkeypatch):
+    """Frozen heads and a differentiated hidden (MoE-DPO's shared LM head, the reference): the
+    forward keeps hidden's gradient basis and the backward multiplies no head."""
+    p = _problem(17, 20, 70, 3, 0.25)
+    hidden, heads, targets = p["hidden"].to(dtype).requires_grad_(), p["heads"].to(dtype), p["targets"]
+    grad_out = torch.randn(17, 3, device=DEVICE)
+    logits_calls = []
+    real = chunked._logits
+    monkeypatch.setattr(chunked, "_logits", lambda *a: logits_calls.append(1) or real(*a))
+    (got,) = torch.autograd.grad(expert_logprobs(hidden, heads, targets, backend=backend), [hidden], grad_out)
+    chunks_per_expert = -(-17 // max(1, 200 // 70))  # the fixture's 200-element chunks
+    assert len(logits_calls) == 3 * chunks_per_expert  # the forward's logits, none in the backward
+    h64 = hidden.detach().double().requires_grad_()
+    (want,) = torch.autograd.grad(expert_logprobs_ref(h64, heads.double(), targets), [h64], grad_out.double())
+    h_low = hidden.detach().requires_grad_()
+    (torch_low,) = torch.autograd.grad(expert_logprobs_ref(h_low, heads, targets), [h_low], grad_out)
+    assert rel_error(got, want) <= bound(dtype, rel_error(torch_low, want))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -352,56 +376,3 @@ def test_backend_resolution_is_the_shared_one(monkeypatch):
     assert el.BACKENDS.impl("cpu") is el.BACKENDS.impl("torch")
     with pytest.raises(ValueError, match="expert_logprobs has no cuda backend"):
         el.BACKENDS.resolve("cuda", cpu, (torch.float32,))
-
-
-# --------------------------------------------------------------------------------------------
-# the compiled (non-interpreted) path, without a GPU: compile the kernels for sm_90
-# --------------------------------------------------------------------------------------------
-_COMPILE_SCRIPT = r'''
-import os, sys
-os.environ.pop("TRITON_INTERPRET", None)
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from moelora.ops.expert_logprobs import triton_backend as kernels
-
-# bf16 on the tensor cores (the GPU's training path); fp32 through the exact-fp32 dot
-for dtype, dot_fp32, fn in [
-    (dtype, dot_fp32, fn) for dtype, dot_fp32 in (("bf16", False), ("fp32", True))
-    for fn in (kernels._forward_kernel, kernels._grad_hidden_kernel, kernels._grad_head_kernel)
-]:
-    consts = dict(DOT_FP32=dot_fp32, BLOCK_T=kernels.BLOCK_T, BLOCK_V=kernels.BLOCK_V,
-                  BLOCK_D=kernels.BLOCK_D)
-    sig = {}
-    for name in fn.arg_names:
-        if name in consts:
-            sig[name] = "constexpr"
-        elif name in ("hidden_ptr", "heads_ptr", "head_ptr"):
-            sig[name] = "*" + dtype
-        elif name == "targets_ptr":
-            sig[name] = "*i64"
-        elif name.endswith("_ptr"):
-            sig[name] = "*fp32"
-        else:
-            sig[name] = "i32"
-    compiled = triton.compile(ASTSource(fn, sig, constexprs=consts),
-                              target=GPUTarget("cuda", 90, 32))
-    assert "ptx" in compiled.asm, (fn.__name__, dtype)
-print("compiled")
-'''
-
-
-@pytest.mark.skipif(DEVICE.type == "cuda", reason="the GPU tests run the compiled kernels")
-def test_kernels_compile_for_hopper(tmp_path):
-    """Triton's interpreter accepts code the compiler rejects (mixed loop-carried types, dot
-    operand dtypes); compiling for sm_90 catches that on a machine without a GPU."""
-    import os
-    import subprocess
-    import sys
-
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_CACHE_DIR=str(tmp_path))
-    env.pop("TRITON_INTERPRET", None)
-    result = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env,
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-3000:]

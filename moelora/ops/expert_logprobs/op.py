@@ -6,9 +6,10 @@ the registered ops, their fakes, autograd and the public functional.
 hidden ``h`` is ``[T, d]``, the K expert policy heads ``H`` are ``[K, V, d]`` (nn.Linear layout,
 one LM head per expert), targets ``y`` are ``[T]``. Written naively this materialises
 ``[T, K, V]`` logits (2 GB at T = 8192, K = 4, V = 32000 in bf16, and as much again for their
-gradient); the backends walk T (torch) or T and V (Triton) in chunks with an online
-logsumexp, forward and backward, and keep only ``[T, K]`` numbers between the two: the
-log-sum-exp, from which the backward rebuilds the softmax chunk by chunk.
+gradient); both backends follow one chunked schedule (chunked.py: the logits of a chunk of rows
+by cuBLAS, row-wise work by torch ops or one Triton launch) and keep only ``[T, K]`` numbers
+between forward and backward: the log-sum-exp, from which the backward rebuilds the softmax
+chunk by chunk.
 
     d logp[t, k] / d logits[t, k, :] = onehot(y_t) - softmax(H_k h_t)
     grad_hidden[t] = sum_k c[t, k] (H_k[y_t] - sum_v p[t, k, v] H_k[v])
@@ -105,15 +106,18 @@ def _expert_logprobs_fwd(
     targets: Tensor,  # [T] int64
     ignore_index: int,
     backend: str,
-) -> tuple[Tensor, Tensor]:  # logp [T, K], lse [T, K]: accumulate dtype (fp32; fp64 for fp64)
-    return BACKENDS.impl(backend).forward(hidden, heads, targets, ignore_index)
+    precompute: bool,  # frozen heads: keep the basis of hidden's gradient (no GEMM in backward)
+) -> tuple[Tensor, Tensor, Tensor]:
+    # logp [T, K], lse [T, K]: accumulate dtype (fp32; fp64 for fp64); basis [T, K, d] or [0]
+    return BACKENDS.impl(backend).forward(hidden, heads, targets, ignore_index, precompute)
 
 
 @_expert_logprobs_fwd.register_fake
-def _(hidden, heads, targets, ignore_index, backend):
+def _(hidden, heads, targets, ignore_index, backend, precompute):
     acc = accumulate_dtype(hidden.dtype, heads.dtype)
     T, K = hidden.shape[0], heads.shape[0]
-    return hidden.new_empty(T, K, dtype=acc), hidden.new_empty(T, K, dtype=acc)
+    return (hidden.new_empty(T, K, dtype=acc), hidden.new_empty(T, K, dtype=acc),
+            BACKENDS.impl(backend).basis_like(hidden, heads, precompute))
 
 
 @torch.library.custom_op("moelora::expert_logprobs_bwd", mutates_args=())
@@ -123,17 +127,18 @@ def _expert_logprobs_bwd(
     heads: Tensor,  # [K, V, d]
     targets: Tensor,  # [T] int64
     lse: Tensor,  # [T, K] accumulate dtype, saved by the forward
+    basis: Tensor,  # [T, K, d] or [0], saved by the forward
     ignore_index: int,
     backend: str,
     compute_grad_hidden: bool,
     compute_grad_heads: bool,
 ) -> tuple[Tensor, Tensor]:  # grad_hidden [T, d] or [0], grad_heads [K, V, d] or [0]
-    return BACKENDS.impl(backend).backward(grad_logp, hidden, heads, targets, lse, ignore_index,
-                          compute_grad_hidden, compute_grad_heads)
+    return BACKENDS.impl(backend).backward(grad_logp, hidden, heads, targets, lse, basis, ignore_index,
+                                           compute_grad_hidden, compute_grad_heads)
 
 
 @_expert_logprobs_bwd.register_fake
-def _(grad_logp, hidden, heads, targets, lse, ignore_index, backend, compute_grad_hidden,
+def _(grad_logp, hidden, heads, targets, lse, basis, ignore_index, backend, compute_grad_hidden,
       compute_grad_heads):
     return (
         torch.empty_like(hidden) if compute_grad_hidden else hidden.new_empty(0),
@@ -142,22 +147,22 @@ def _(grad_logp, hidden, heads, targets, lse, ignore_index, backend, compute_gra
 
 
 def _setup_context(ctx, inputs, output):
-    hidden, heads, targets, ignore_index, backend = inputs
-    _, lse = output
-    ctx.mark_non_differentiable(lse)
-    ctx.save_for_backward(hidden, heads, targets, lse)
+    hidden, heads, targets, ignore_index, backend, precompute = inputs
+    _, lse, basis = output
+    ctx.mark_non_differentiable(lse, basis)
+    ctx.save_for_backward(hidden, heads, targets, lse, basis)
     ctx.ignore_index = ignore_index
     ctx.backend = backend
 
 
-def _backward(ctx, grad_logp, _grad_lse):
-    hidden, heads, targets, lse = ctx.saved_tensors
+def _backward(ctx, grad_logp, _grad_lse, _grad_basis):
+    hidden, heads, targets, lse, basis = ctx.saved_tensors
     needs = ctx.needs_input_grad
     grad_hidden, grad_heads = torch.ops.moelora.expert_logprobs_bwd(
-        grad_logp.to(lse.dtype).contiguous(), hidden, heads, targets, lse, ctx.ignore_index,
+        grad_logp.to(lse.dtype).contiguous(), hidden, heads, targets, lse, basis, ctx.ignore_index,
         ctx.backend, needs[0], needs[1],
     )
-    return (grad_hidden if needs[0] else None, grad_heads if needs[1] else None, None, None, None)
+    return (grad_hidden if needs[0] else None, grad_heads if needs[1] else None, None, None, None, None)
 
 
 _expert_logprobs_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -169,9 +174,12 @@ _expert_logprobs_fwd.register_autograd(_backward, setup_context=_setup_context)
 def _call(hidden2, heads, targets1, ignore_index, backend):
     if hidden2.shape[0] == 0:
         backend = "torch"  # no rows: nothing to launch
-    logp, _ = torch.ops.moelora.expert_logprobs_fwd(
+    # frozen heads, hidden to differentiate: the forward keeps hidden's gradient basis, so the
+    # backward needs no GEMM (2 GEMM-equivalents in all instead of 3)
+    precompute = (torch.is_grad_enabled() and hidden2.requires_grad and not heads.requires_grad)
+    logp, _, _ = torch.ops.moelora.expert_logprobs_fwd(
         hidden2.contiguous(), heads.contiguous(), targets1.to(torch.int64).contiguous(),
-        ignore_index, backend,
+        ignore_index, backend, precompute,
     )
     return logp
 
@@ -195,7 +203,8 @@ def expert_logprobs(
     Args:
         hidden: ``[..., d]`` final hidden states (float32 / bfloat16 / float16 / float64).
         heads: ``[K, V, d]`` expert LM heads (nn.Linear layout). May be fp32 while ``hidden``
-            is 16-bit (the matmuls then run in fp32).
+            is 16-bit (the matmuls then run in fp32). Frozen heads (no requires_grad) with a
+            differentiated ``hidden`` cost one GEMM fewer in the backward (see chunked.py).
         targets: ``[...]`` int32/int64 token ids in ``[0, V)``, or ``ignore_index``.
         ignore_index: targets with this id get log-prob 0 and no gradient.
         ref_head: optional ``[V, d]`` frozen reference head on the same hidden states; then the
