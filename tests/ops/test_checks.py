@@ -86,11 +86,11 @@ def test_range_kernel_runs_under_the_interpreter():
 
 def test_bad_environment_integer_warns_and_keeps_the_default(monkeypatch):
     common = pytest.importorskip("moelora.ops.triton_common")
-    monkeypatch.setenv("MOELORA_TRITON_PLAN_FREE_MAX_T", "sixty")
+    monkeypatch.setenv("MOELORA_TRITON_DECODE_MAX_T", "sixty")
     with pytest.warns(RuntimeWarning, match="not an integer; using 64"):
-        assert common.env_int("MOELORA_TRITON_PLAN_FREE_MAX_T", 64) == 64
-    monkeypatch.setenv("MOELORA_TRITON_PLAN_FREE_MAX_T", "0")
-    assert common.env_int("MOELORA_TRITON_PLAN_FREE_MAX_T", 64) == 0
+        assert common.env_int("MOELORA_TRITON_DECODE_MAX_T", 64) == 64
+    monkeypatch.setenv("MOELORA_TRITON_DECODE_MAX_T", "0")
+    assert common.env_int("MOELORA_TRITON_DECODE_MAX_T", 64) == 0
 
 
 def test_every_triton_launch_runs_under_the_device_guard(monkeypatch):
