@@ -38,8 +38,13 @@ _NOT_LAUNCHES = {
 
 
 def storage_key(t: torch.Tensor) -> int:
-    """Identifies a tensor's storage (meta tensors included: all their data pointers are 0)."""
-    return t.untyped_storage()._cdata
+    """Identifies a tensor's storage (meta tensors included: all their data pointers are 0).
+    Unique while the storage lives: a recorder keeps every storage it saw alive, so a freed
+    temporary's address is not reused by a later tensor within one record."""
+    storage = t.untyped_storage()
+    if _STACK:
+        _STACK[-1]._alive.append(storage)
+    return storage._cdata
 
 
 def _nbytes(t: torch.Tensor) -> int:
@@ -105,6 +110,7 @@ class Traffic:
     def __init__(self):
         self.launches: list[Launch] = []
         self._mode: Optional[_TorchOps] = None
+        self._alive: list = []  # the storages recorded (see storage_key)
 
     def __enter__(self) -> "Traffic":
         _STACK.append(self)
@@ -115,6 +121,7 @@ class Traffic:
     def __exit__(self, *exc):
         self._mode.__exit__(*exc)
         _STACK.remove(self)
+        self._alive.clear()  # after the block, keys of tensors the caller holds stay valid
         return False
 
     def record_triton(self, kernel, grid, args, kwargs, reads, writes) -> None:
