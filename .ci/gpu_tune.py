@@ -140,6 +140,21 @@ def check(name, p, route, gemm, scaling=0.5):
     record(f"{name} route={route} gemm={gemm}", ok and repeat, errors=errors, bitwise_repeat=repeat)
 
 
+def capture(fn):
+    """(replay, the graph's output) of a CUDA graph of fn(), warmed up on a side stream (lazy
+    initialisation and JIT must not happen while capturing)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph.replay, out
+
+
 def graph_replay(name, T, E, r, k, route, gemm):
     if DEV.type != "cuda":
         return
@@ -149,19 +164,11 @@ def graph_replay(name, T, E, r, k, route, gemm):
     def call():
         return moelora.molora_linear(**p, backend="triton")
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            call()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = call()
+    replay, out = capture(call)
     q = problem(T, E, r, k, seed=7)
     for n in ("x", "expert_indices", "expert_weights"):
         p[n].copy_(q[n])
-    graph.replay()
+    replay()
     torch.cuda.synchronize()
     record(f"graph replay {name}", torch.equal(out, call()))
 
@@ -248,18 +255,7 @@ def bench(fn) -> float:
 
 
 def graphed(fn):
-    if DEV.type != "cuda":
-        return fn
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
+    return capture(fn)[0] if DEV.type == "cuda" else fn
 
 
 def kernels_of(fn, reps=3):
