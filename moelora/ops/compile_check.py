@@ -85,7 +85,7 @@ def collect(case) -> list:
 
 def collect_logprobs(case) -> list:
     """The Triton launches of the head log-probs' forward and backward at one case's shape."""
-    from moelora.ops.expert_logprobs import triton_backend
+    from moelora.ops.expert_logprobs import chunked, triton_backend
     from moelora.ops.molora_linear import configs
     from moelora.ops.traffic import Traffic
 
@@ -95,8 +95,9 @@ def collect_logprobs(case) -> list:
     heads = torch.empty(K, V, D, dtype=torch.bfloat16, **meta)
     targets = torch.empty(T, dtype=torch.int64, **meta)
     with configs.simulate(), Traffic() as record:
-        logp, lse, basis = triton_backend.forward(hidden, heads, targets, -100, False)
-        triton_backend.backward(torch.empty_like(logp), hidden, heads, targets, lse, basis, -100, True, True)
+        logp, lse, basis = chunked.forward(triton_backend, hidden, heads, targets, -100, False)
+        chunked.backward(triton_backend, torch.empty_like(logp), hidden, heads, targets, lse, basis, -100,
+                         True, True)
     seen, out = set(), []
     for launch in record.launches:  # the row kernels repeat per chunk: compile each once
         if launch.kind == "triton" and launch.name not in seen:

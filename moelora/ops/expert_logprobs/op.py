@@ -29,6 +29,7 @@ from torch import Tensor
 from moelora.ops import dispatch
 from moelora.ops.checks import check_range
 from moelora.ops.dtypes import accumulate_dtype
+from moelora.ops.expert_logprobs import chunked
 
 __all__ = ["expert_logprobs", "BACKENDS"]
 
@@ -109,7 +110,7 @@ def _expert_logprobs_fwd(
     precompute: bool,  # frozen heads: keep the basis of hidden's gradient (no GEMM in backward)
 ) -> tuple[Tensor, Tensor, Tensor]:
     # logp [T, K], lse [T, K]: accumulate dtype (fp32; fp64 for fp64); basis [T, K, d] or [0]
-    return BACKENDS.impl(backend).forward(hidden, heads, targets, ignore_index, precompute)
+    return chunked.forward(BACKENDS.impl(backend), hidden, heads, targets, ignore_index, precompute)
 
 
 @_expert_logprobs_fwd.register_fake
@@ -117,7 +118,7 @@ def _(hidden, heads, targets, ignore_index, backend, precompute):
     acc = accumulate_dtype(hidden.dtype, heads.dtype)
     T, K = hidden.shape[0], heads.shape[0]
     return (hidden.new_empty(T, K, dtype=acc), hidden.new_empty(T, K, dtype=acc),
-            BACKENDS.impl(backend).basis_like(hidden, heads, precompute))
+            chunked.basis_like(hidden, heads, precompute))
 
 
 @torch.library.custom_op("moelora::expert_logprobs_bwd", mutates_args=())
@@ -133,8 +134,8 @@ def _expert_logprobs_bwd(
     compute_grad_hidden: bool,
     compute_grad_heads: bool,
 ) -> tuple[Tensor, Tensor]:  # grad_hidden [T, d] or [0], grad_heads [K, V, d] or [0]
-    return BACKENDS.impl(backend).backward(grad_logp, hidden, heads, targets, lse, basis, ignore_index,
-                                           compute_grad_hidden, compute_grad_heads)
+    return chunked.backward(BACKENDS.impl(backend), grad_logp, hidden, heads, targets, lse, basis,
+                            ignore_index, compute_grad_hidden, compute_grad_heads)
 
 
 @_expert_logprobs_bwd.register_fake

@@ -1,7 +1,7 @@
-"""The Triton backend of the per-expert head log-probs: the shared chunked schedule
-(chunked.py: the logits by cuBLAS, one chunk of rows at a time) with its row-wise work in one
-Triton launch each, where torch takes three to five (logsumexp, gather; sub, exp, mul,
-scatter, cast). Contract: see torch_backend.py.
+"""The Triton backend of the per-expert head log-probs: the row-wise work of the shared chunked
+schedule (chunked.py: the logits by cuBLAS, one chunk of rows at a time) in one Triton launch
+each, where torch takes three to five (logsumexp, gather; sub, exp, mul, scatter, cast).
+Contract: see torch_backend.py.
 
     row_stats     one program per row: an online max / sum-exp over the row's V logits in
                   BLOCK_V steps, and the target's logit: reads the chunk once
@@ -12,19 +12,15 @@ Every offset that multiplies a row index is int64.
 """
 from __future__ import annotations
 
-import sys
-
 import torch
 import triton
 import triton.language as tl
 
-from moelora.ops.expert_logprobs import chunked
 from moelora.ops.triton_common import launch
 
-__all__ = ["forward", "backward", "row_stats", "grad_logits", "basis_like"]
+__all__ = ["row_stats", "grad_logits"]
 
 BLOCK_V = 1024
-basis_like = chunked.basis_like
 
 
 @triton.jit
@@ -83,12 +79,3 @@ def grad_logits(logits, targets, lse, coef, dtype):
            reads={"logits": logits}, writes={"grad_logits": out})
     return out
 
-
-def forward(hidden, heads, targets, ignore_index, precompute):
-    return chunked.forward(sys.modules[__name__], hidden, heads, targets, ignore_index, precompute)
-
-
-def backward(grad_logp, hidden, heads, targets, lse, basis, ignore_index, compute_grad_hidden,
-             compute_grad_heads):
-    return chunked.backward(sys.modules[__name__], grad_logp, hidden, heads, targets, lse, basis,
-                            ignore_index, compute_grad_hidden, compute_grad_heads)

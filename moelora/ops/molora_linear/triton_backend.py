@@ -419,6 +419,16 @@ def _plan_scatter_kernel(
 
 
 @triton.jit
+def _block_slots(pid, block_start_ptr, block_end_ptr, sorted_slots_ptr, BLOCK_M: tl.constexpr):
+    """The sorted slots of plan block ``pid`` (one expert's) and the mask of its real rows."""
+    start = tl.load(block_start_ptr + pid)
+    end = tl.load(block_end_ptr + pid)
+    rows = start + tl.arange(0, BLOCK_M)
+    row_mask = rows < end
+    return tl.load(sorted_slots_ptr + rows, mask=row_mask, other=0).to(tl.int64), row_mask
+
+
+@triton.jit
 def _grouped_shrink_kernel(
     src_ptr, stride_src,  # src [T, K]: rows gathered by token
     mat_ptr, stride_me, stride_mi, stride_mk,  # M[e, i, c]: [E, R, K]
@@ -433,11 +443,7 @@ def _grouped_shrink_kernel(
     expert = tl.load(block_expert_ptr + pid)
     if expert < 0:  # idle block past the last expert's rows
         return
-    start = tl.load(block_start_ptr + pid)
-    end = tl.load(block_end_ptr + pid)
-    rows = start + tl.arange(0, BLOCK_M)
-    row_mask = rows < end
-    slots = tl.load(sorted_slots_ptr + rows, mask=row_mask, other=0).to(tl.int64)
+    slots, row_mask = _block_slots(pid, block_start_ptr, block_end_ptr, sorted_slots_ptr, BLOCK_M)
     tokens = slots // num_slots
     offs_r = tl.arange(0, BLOCK_R)
     r_mask = offs_r < R
@@ -475,11 +481,7 @@ def _grouped_expand_kernel(
     expert = tl.load(block_expert_ptr + pid)
     if expert < 0:
         return
-    start = tl.load(block_start_ptr + pid)
-    end = tl.load(block_end_ptr + pid)
-    rows = start + tl.arange(0, BLOCK_M)
-    row_mask = rows < end
-    slots = tl.load(sorted_slots_ptr + rows, mask=row_mask, other=0).to(tl.int64)
+    slots, row_mask = _block_slots(pid, block_start_ptr, block_end_ptr, sorted_slots_ptr, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     gate = tl.load(gate_ptr + slots, mask=row_mask, other=0.0)
