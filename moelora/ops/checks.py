@@ -10,6 +10,8 @@ unknown then) and for empty tensors.
 from __future__ import annotations
 
 import importlib
+import math
+import numbers
 import os
 import warnings
 from typing import Optional, Union
@@ -17,7 +19,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-__all__ = ["check_range", "check_true", "debug_checks"]
+__all__ = ["check_range", "check_true", "debug_checks", "as_number"]
 
 
 def debug_checks() -> bool:
@@ -84,3 +86,38 @@ def _triton_check(values: Tensor, low: int, high: int, exempt: Optional[int], na
         warnings.warn(f"moelora: the Triton range check failed ({type(exc).__name__}: {exc}); "
                       f"checking {name} with torch ops instead", RuntimeWarning, stacklevel=3)
         return False
+
+
+def as_number(value, name: str, *, integral: bool):
+    """A scalar argument (``scaling``, ``k``) as the Python float / int an op's schema takes.
+
+    Accepts Python and NumPy numbers (np.float32(2.0), np.int64(2)) and, under torch.compile, a
+    traced (symbolic) value, returned as it is: its value is known only when the graph runs.
+    Refuses bool and tensors (a tensor's value would cost a host sync per call on a GPU)
+    with a TypeError naming ``name``; a float must be finite, an integral value must be one.
+    """
+    if isinstance(value, (torch.SymInt, torch.SymFloat)):
+        if integral and not isinstance(value, torch.SymInt):
+            raise TypeError(f"{name} must be an integer, got a symbolic float")
+        return value
+    kind = "an integer (int or a NumPy integer)" if integral else \
+        "a real number (float, int or a NumPy scalar)"
+    if isinstance(value, Tensor):
+        raise TypeError(f"{name} must be {kind}, got a Tensor; pass {'int' if integral else 'float'}"
+                        f"(t) (a tensor would cost a host sync per call)")
+    # NumPy's number scalars are numbers.Real / numbers.Integral (np.bool_ is neither). Under
+    # torch.compile dynamo traces them as 0-d numpy arrays, which are not, and whose dtype it
+    # cannot read: there they are recognised by their module.
+    traced_numpy = (torch.compiler.is_compiling() and type(value).__module__ == "numpy"
+                    and getattr(value, "ndim", None) == 0)
+    abc = numbers.Integral if integral else numbers.Real
+    if isinstance(value, bool) or not (isinstance(value, abc) or traced_numpy):
+        raise TypeError(f"{name} must be {kind}, got {type(value).__name__} {value!r}")
+    if integral:
+        return int(value)
+    value = float(value)
+    # Under torch.compile a Python float argument is traced as a symbolic float (dynamo's
+    # specialize_float=False), which math.isfinite cannot read: its check is the eager one.
+    if not torch.compiler.is_compiling() and not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return value

@@ -396,7 +396,7 @@ BAD_INPUTS = [
     ("expert_weights", lambda p: p["expert_weights"][:, :1], ValueError, "expert_weights has shape"),
     ("scaling", lambda p: float("nan"), ValueError, "scaling must be finite"),
     ("scaling", lambda p: float("inf"), ValueError, "scaling must be finite"),
-    ("scaling", lambda p: torch.tensor(1.0), TypeError, "scaling must be a Python float"),
+    ("scaling", lambda p: torch.tensor(1.0), TypeError, "scaling must be a real number.*got a Tensor"),
 ]
 
 

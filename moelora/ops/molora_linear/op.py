@@ -11,14 +11,13 @@ ground truth is `reference.molora_linear_ref`.
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 from torch import Tensor
 
 from moelora.ops import dispatch, extension
-from moelora.ops.checks import check_range
+from moelora.ops.checks import as_number, check_range
 from moelora.ops.dtypes import accumulate_dtype
 from moelora.ops.molora_linear.torch_backend import no_state
 
@@ -56,7 +55,8 @@ def _check_same_device(device: torch.device, **tensors) -> None:
             raise ValueError(f"{name} is on {t.device}, expected {device} (the device of x)")
 
 
-def _validate(x, weight, bias, lora_a, lora_b, expert_indices, expert_weights, scaling) -> None:
+def _validate(x, weight, bias, lora_a, lora_b, expert_indices, expert_weights, scaling):
+    """Checks every argument; returns ``scaling`` as the float the op takes."""
     _check_tensor("x", x)
     if x.dim() < 1:
         raise ValueError("x must have at least 1 dimension [..., d_in], got a scalar")
@@ -106,14 +106,13 @@ def _validate(x, weight, bias, lora_a, lora_b, expert_indices, expert_weights, s
         )
     if not expert_weights.is_floating_point():
         raise TypeError(f"expert_weights must be floating-point, got {expert_weights.dtype}")
-    if isinstance(scaling, bool) or not isinstance(scaling, (int, float)):
-        raise TypeError(f"scaling must be a Python float, got {type(scaling).__name__}")
-    if not math.isfinite(scaling):
-        raise ValueError(f"scaling must be finite, got {scaling}")
     _check_same_device(
         x.device, weight=weight, bias=bias, lora_a=lora_a, lora_b=lora_b,
         expert_indices=expert_indices, expert_weights=expert_weights,
     )
+    # A tensor scaling is refused: reading its value would cost a host sync per call on a GPU,
+    # and the op's schema takes a number.
+    return as_number(scaling, "scaling", integral=False)
 
 
 def _check_expert_range(expert_indices: Tensor, num_experts: int, backend: str) -> None:
@@ -269,7 +268,7 @@ def molora_linear(
         ``[..., d_out]`` in ``x``'s dtype. Differentiable w.r.t. x, lora_a, lora_b,
         expert_weights, and weight / bias when they require grad.
     """
-    _validate(x, weight, bias, lora_a, lora_b, expert_indices, expert_weights, scaling)
+    scaling = _validate(x, weight, bias, lora_a, lora_b, expert_indices, expert_weights, scaling)
     backend = BACKENDS.resolve(backend, x.device, (x.dtype, lora_a.dtype))
     _check_expert_range(expert_indices, lora_a.shape[0], backend)
     lead = x.shape[:-1]
@@ -277,8 +276,11 @@ def molora_linear(
     d_out = weight.shape[0]
     k = expert_indices.shape[-1]
     x2 = x.reshape(-1, d_in)
-    if x2.shape[0] == 0:  # nothing to route; keep the autograd graph to x / weight / bias
-        return torch.nn.functional.linear(x, weight, bias)
+    if x2.shape[0] == 0:
+        # Nothing to route, but the op stays in the autograd graph (zero gradients for the
+        # adapters and gates: under DDP a rank with an empty batch must still produce them).
+        # The torch backend serves it: every kernel of the others assumes at least one row.
+        backend = "torch"
     y, _, _ = torch.ops.moelora.molora_linear_fwd(
         x2.contiguous(),
         weight.contiguous(),
@@ -287,7 +289,7 @@ def molora_linear(
         lora_b.contiguous(),
         expert_indices.reshape(-1, k).to(torch.int64).contiguous(),
         expert_weights.reshape(-1, k).to(accumulate_dtype(x.dtype, lora_a.dtype)).contiguous(),
-        float(scaling),
+        scaling,
         backend,
     )
     return y.reshape(*lead, d_out)

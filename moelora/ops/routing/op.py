@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from moelora.ops import dispatch
+from moelora.ops.checks import as_number
 from moelora.ops.dtypes import accumulate_dtype
 
 __all__ = ["topk_route", "BACKENDS"]
@@ -64,12 +65,19 @@ def _backward(ctx, grad_probs: Optional[Tensor], _grad_indices, grad_weights: Op
     num_columns = probs.shape[-1]
     grad_p = torch.zeros_like(probs) if grad_probs is None else grad_probs.to(probs.dtype)
     if grad_weights is not None:
-        columns = torch.where(indices < 0, num_columns - 1, indices)  # -1 came from the last column
-        grad_w = grad_weights.to(probs.dtype)
+        # A live -1 came from the last column (the empty expert). A slot with id -1 and gate 0
+        # is masked (its expert's logit was -inf) or an empty expert of probability 0: its gate
+        # is the constant 0, and its column (unknown for a masked slot) gets nothing from it.
+        live = (indices >= 0) | (weights != 0)
+        columns = torch.where(indices < 0, num_columns - 1, indices)
+        grad_w = torch.where(live, grad_weights.to(probs.dtype), 0.0)
         if ctx.renormalize:
-            # g_j = p_j / S: dL/dp_j = (dL/dg_j - sum_i dL/dg_i g_i) / S
-            total = probs.gather(1, columns).sum(-1, keepdim=True)
-            grad_selected = (grad_w - (grad_w * weights).sum(-1, keepdim=True)) / total
+            # g_j = p_j / S: dL/dp_j = (dL/dg_j - sum_i dL/dg_i g_i) / S; S = 0 only in a fully
+            # masked row, whose probs are 0 and which has no gradient.
+            total = torch.where(live, probs.gather(1, columns), 0.0).sum(-1, keepdim=True)
+            grad_selected = (grad_w - (grad_w * weights).sum(-1, keepdim=True)) / torch.where(
+                total == 0, 1.0, total)
+            grad_selected = torch.where(live, grad_selected, 0.0)
         else:
             grad_selected = grad_w
         grad_p = grad_p.scatter_add(1, columns, grad_selected)
@@ -101,6 +109,11 @@ def topk_route(
     Returns:
         ``probs [..., E']``, ``expert_indices [..., k]`` (int64), ``expert_weights [..., k]``;
         probs and weights in float32 (float64 for float64 logits), differentiable.
+
+    Degenerate logits, on every backend (``reference.topk_route_ref`` states the policy):
+    ``-inf`` masks an expert (never routed to; a slot that would take one is id -1, gate 0, so
+    a fully masked row routes to no expert, never to NaN gates); ``+inf`` columns share the
+    row's mass (softmax's limit); NaN in a row gives that row NaN probs and gates.
     """
     if not isinstance(logits, Tensor):
         raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
@@ -108,7 +121,8 @@ def topk_route(
         raise TypeError(f"logits must be a floating-point tensor [..., E'], got {logits.dtype} "
                         f"of shape {tuple(logits.shape)}")
     num_columns = logits.shape[-1]
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= num_columns:
+    k = as_number(k, "k", integral=True)
+    if not 1 <= k <= num_columns:
         raise ValueError(f"k must be an int with 1 <= k <= E' = {num_columns}, got {k!r}")
     if empty_expert and num_columns < 2:
         raise ValueError("empty_expert=True needs at least 2 logit columns (experts + the empty one)")

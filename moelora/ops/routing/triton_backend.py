@@ -31,8 +31,15 @@ def _topk_route_kernel(
     mask = row_mask[:, None] & col_mask[None, :]
     logits = tl.load(logits_ptr + rows[:, None] * stride_logits_t + cols[None, :], mask=mask,
                      other=-float("inf")).to(tl.float32)
+    # Degenerate rows (the policy of reference.topk_route_ref): -inf masks an expert; +inf
+    # columns share the row's mass (softmax's limit); a fully masked row has probs 0.
+    masked = logits == -float("inf")
+    top = logits == float("inf")
+    has_top = tl.max(tl.where(top, 1, 0), axis=1) > 0
+    logits = tl.where(has_top[:, None], tl.where(top, 0.0, -float("inf")), logits)
     row_max = tl.max(logits, axis=1)
-    row_max = tl.where(row_mask, row_max, 0.0)  # padded rows: keep exp finite
+    # padded and fully masked rows: keep exp finite (every e is then 0, and so are the probs)
+    row_max = tl.where(row_mask & (row_max != -float("inf")), row_max, 0.0)
     e = tl.exp(logits - row_max[:, None])
     e = tl.where(mask, e, 0.0)
     probs = e / tl.maximum(tl.sum(e, axis=1), 1e-30)[:, None]
@@ -52,13 +59,16 @@ def _topk_route_kernel(
         best_col = tl.min(tl.where(remaining == best[:, None], cols[None, :], BLOCK_E), axis=1)
         picked = cols[None, :] == best_col[:, None]
         remaining = tl.where(picked, -2.0, remaining)
+        # a masked expert taken by the top-k: no expert, gate 0 (even in a NaN row)
+        dead = tl.max(tl.where(picked & masked, 1, 0), axis=1) > 0
         best_p = tl.sum(tl.where(picked, probs, 0.0), axis=1)  # the prob itself (NaN stays NaN)
+        best_p = tl.where(dead, 0.0, best_p)
         total += best_p
-        expert = tl.where(best_col == empty_column, -1, best_col).to(tl.int64)
+        expert = tl.where((best_col == empty_column) | dead, -1, best_col).to(tl.int64)
         top_w = tl.where(kcols[None, :] == j, best_p[:, None], top_w)
         top_i = tl.where(kcols[None, :] == j, expert[:, None], top_i)
     if RENORMALIZE:
-        top_w = top_w / tl.maximum(total, 1e-30)[:, None]
+        top_w = top_w / tl.where(total == 0.0, 1.0, total)[:, None]  # fully masked: gates 0
     out_offs = rows[:, None] * k + kcols[None, :]
     out_mask = row_mask[:, None] & (kcols[None, :] < k)
     tl.store(index_ptr + out_offs, top_i, mask=out_mask)
