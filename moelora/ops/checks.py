@@ -106,12 +106,13 @@ def as_number(value, name: str, *, integral: bool):
         raise TypeError(f"{name} must be {kind}, got a Tensor; pass {'int' if integral else 'float'}"
                         f"(t) (a tensor would cost a host sync per call)")
     # NumPy's number scalars are numbers.Real / numbers.Integral (np.bool_ is neither). Under
-    # torch.compile dynamo traces them as 0-d numpy arrays, which are not, and whose dtype it
-    # cannot read: there they are recognised by their module.
-    traced_numpy = (torch.compiler.is_compiling() and type(value).__module__ == "numpy"
-                    and getattr(value, "ndim", None) == 0)
+    # torch.compile dynamo traces them as 0-d arrays whose value is data (an unbacked symbol
+    # the op's float argument cannot take): refused there, by name.
+    if torch.compiler.is_compiling() and type(value).__module__ == "numpy":
+        raise TypeError(f"{name} must be a Python number under torch.compile (a NumPy scalar is "
+                        f"traced as data); pass {'int' if integral else 'float'}({name})")
     abc = numbers.Integral if integral else numbers.Real
-    if isinstance(value, bool) or not (isinstance(value, abc) or traced_numpy):
+    if isinstance(value, bool) or not isinstance(value, abc):
         raise TypeError(f"{name} must be {kind}, got {type(value).__name__} {value!r}")
     if integral:
         return int(value)
