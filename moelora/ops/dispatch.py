@@ -217,8 +217,9 @@ def _log_choice(dispatch: OpDispatch, device, dtypes, chosen: str, reasons: dict
     if key in dispatch._logged:
         return
     dispatch._logged.add(key)
-    order = AUTO_ORDER.get(device.type, ())
-    skipped = [f"{n} ({reasons[n]})" for n in order[: order.index(chosen)]] if chosen in order else []
+    # Every other backend of the op that cannot run here, with why (triton missing because
+    # numpy is absent, say), not only those before the choice in AUTO_ORDER.
+    skipped = [f"{n} ({reasons[n]})" for n in dispatch.backends if n != chosen and reasons.get(n)]
     logger.info("moelora: %s on %s %s uses backend %r (%s)%s", dispatch.op, device.type,
                 "/".join(str(d).removeprefix("torch.") for d in dtypes), chosen, why,
                 f"; skipped: {', '.join(skipped)}" if skipped else "")

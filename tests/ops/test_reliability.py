@@ -116,3 +116,26 @@ def test_masked_gradient_matches_the_reference(backend):
     (g.double() * weights).sum().backward()
     (rg * weights).sum().backward()
     torch.testing.assert_close(ours.grad.double(), torch.nan_to_num(ref.grad), atol=1e-6, rtol=1e-5)
+
+
+def test_backend_choice_is_logged_once_with_why_others_were_skipped(monkeypatch, caplog):
+    """A triton whose import fails (numpy absent, say) is named in the one INFO line."""
+    from moelora.ops.routing.op import BACKENDS as ROUTING
+
+    triton = ROUTING.backends["triton"]
+
+    def broken():
+        raise ModuleNotFoundError("No module named 'numpy'")
+
+    monkeypatch.setattr(triton, "load", broken)
+    monkeypatch.setattr(triton, "_impl", None)
+    monkeypatch.setattr(triton, "_error", None)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.delenv("MOELORA_BACKEND", raising=False)
+    monkeypatch.setattr(ROUTING, "_logged", set())
+    caplog.set_level("INFO", logger="moelora")
+    for _ in range(3):
+        moelora.topk_route(torch.randn(4, 5), 2)
+    lines = [r.getMessage() for r in caplog.records if r.name == "moelora" and "topk_route" in r.getMessage()]
+    assert len(lines) == 1, lines
+    assert "uses backend" in lines[0] and "triton" in lines[0] and "numpy" in lines[0]
