@@ -139,3 +139,26 @@ def test_backend_choice_is_logged_once_with_why_others_were_skipped(monkeypatch,
     lines = [r.getMessage() for r in caplog.records if r.name == "moelora" and "topk_route" in r.getMessage()]
     assert len(lines) == 1, lines
     assert "uses backend" in lines[0] and "triton" in lines[0] and "numpy" in lines[0]
+
+
+def test_cpu_id_range_check_is_one_pass():
+    """The CPU check of in-range ids dispatches one reduction (aminmax), no elementwise temps."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from moelora.ops.checks import check_range
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    ids = torch.randint(-1, 4, (64, 2))
+    with Count() as c:
+        check_range(ids, -1, 4, name="expert_indices", expected="lie in [-1, 4)")
+    assert [op for op in c.ops if "aminmax" not in op and "_local_scalar_dense" not in op] == [], c.ops
+    ids[3, 1] = 4
+    with pytest.raises(ValueError, match=r"expert_indices\[3, 1\] = 4"):
+        check_range(ids, -1, 4, name="expert_indices", expected="lie in [-1, 4)")
