@@ -5,8 +5,6 @@ batch's), and activation checkpointing replays them (so MoELoRADPOModel trains c
 with the same gradients)."""
 from __future__ import annotations
 
-import copy
-import functools
 import threading
 import warnings
 
@@ -244,7 +242,10 @@ def _pairs(B=2, prompt=3, length=6):
 def _dpo_grads(checkpoint_kwargs):
     model = _tiny_llama()
     if checkpoint_kwargs is not None:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpoint_kwargs)
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5's name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpoint_kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpoint_kwargs)
     gate = SequenceGate(16, K)
     torch.nn.init.normal_(gate.proj.weight, generator=torch.Generator().manual_seed(4))
     policy = MoELoRADPOModel.from_causal_lm(model, gate).train()
