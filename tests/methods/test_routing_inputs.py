@@ -264,3 +264,21 @@ def test_moe_lora_dpo_trains_checkpointed_with_the_same_gradients():
         torch.testing.assert_close(got[name], want[name], rtol=1e-6, atol=1e-7, msg=name)
     with pytest.raises(RuntimeError, match="context_fn=moelora.routing_checkpoint_context"):
         _dpo_grads({"use_reentrant": False})  # checkpointed without the replay: refused, not wrong
+
+
+def test_scope_opened_inside_a_checkpointed_function_is_replayed_too():
+    torch.manual_seed(0)
+    layer = MoLoRALinear(nn.Linear(D, D, dtype=torch.float64), E, r=2, router=HOE, init_lora_weights=False)
+    x = _x().requires_grad_()
+    lam = torch.tensor([0.1, 0.6, 0.3])
+
+    def fn(h):  # the recomputation opens this scope again, inside the replayed one
+        with routing_inputs(layer, preference=lam):
+            return layer(h)
+
+    fn(x).square().sum().backward()
+    want = {n: p.grad.clone() for n, p in layer.named_parameters() if p.grad is not None}
+    layer.zero_grad()
+    checkpoint.checkpoint(fn, x, use_reentrant=False, context_fn=routing_checkpoint_context).square().sum().backward()
+    for name, grad in want.items():
+        torch.testing.assert_close(dict(layer.named_parameters())[name].grad, grad, rtol=1e-12, atol=1e-12)
