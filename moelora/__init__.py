@@ -18,6 +18,8 @@ from moelora.integrations import (
     inject,
     load_adapters_as_experts,
     load_moelora,
+    routing_checkpoint_context,
+    routing_inputs,
     save_moelora,
     set_gates,
     set_preference,
@@ -44,7 +46,8 @@ __all__ = [
     # ops
     "molora_linear", "topk_route", "expert_logprobs", "available_backends", "reference",
     # layers and model surgery
-    "MoLoRALinear", "MoLoRAConfig", "inject", "uninject", "set_gates", "set_preference",
+    "MoLoRALinear", "MoLoRAConfig", "inject", "uninject", "routing_inputs",
+    "routing_checkpoint_context", "set_gates", "set_preference",
     "load_adapters_as_experts", "save_moelora", "load_moelora", "aux_loss",
     # methods
     "PMoLConfig", "HoEConfig", "build_hoe", "merge_adapters", "MoEDPOModel", "MoELoRADPOModel",

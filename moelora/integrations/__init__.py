@@ -12,6 +12,8 @@ from moelora.integrations.controls import (
     clear_router_states,
     disable_adapters,
     merge_layers,
+    routing_checkpoint_context,
+    routing_inputs,
     set_gates,
     set_preference,
     set_record_routing,
@@ -28,7 +30,8 @@ from moelora.integrations.peft_io import (
 __all__ = [
     "TargetConfig", "LoRAConfig", "MoLoRAConfig",
     "inject", "inject_named", "uninject", "match_target", "find_targets",
-    "set_gates", "set_preference", "set_record_routing", "clear_router_states", "disable_adapters",
+    "routing_inputs", "routing_checkpoint_context", "set_gates", "set_preference", "set_record_routing",
+    "clear_router_states", "disable_adapters",
     "merge_layers", "unmerge_layers",
     "LoraModule", "PeftLoraAdapter", "read_peft_adapter", "load_adapters_as_experts",
     "save_moelora", "load_moelora", "MOELORA_ADAPTER_FILE",

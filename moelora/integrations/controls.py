@@ -1,44 +1,57 @@
-"""Model-wide controls over every `MoLoRALinear` of a model: per-batch gates and preferences,
-recorded routing, adapters off, merging."""
+"""Model-wide controls over every `MoLoRALinear` of a model: per-batch gates and preferences
+(`routing_inputs`, scoped to a block; the model-wide `set_gates` / `set_preference` are
+deprecated), recorded routing, adapters off, merging."""
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Optional
 
 import torch
 import torch.nn as nn
 from torch import Tensor
 
+from moelora.integrations.routing_context import routers_taking, routing_checkpoint_context, routing_inputs
 from moelora.layers.molora_linear import molora_layers
 
 __all__ = [
-    "set_gates", "set_preference", "set_record_routing", "clear_router_states",
+    "routing_inputs", "routing_checkpoint_context", "set_gates", "set_preference", "set_record_routing", "clear_router_states",
     "disable_adapters", "merge_layers", "unmerge_layers",
 ]
 
 
+_STATE_WARNING = (
+    "{name} sets the routers' {what} model-wide until the next call: a forgotten call reuses the "
+    "last batch's, every thread shares it, and activation checkpointing cannot replay it. Use "
+    "`with moelora.routing_inputs(model, {what}=...)` (scoped to the block, per thread), or the "
+    "layer's {what}= forward argument")
+
+
 def set_gates(model: nn.Module, gates: Optional[Tensor]) -> int:
-    """Set the gates of every fixed-gate router: ``[E]`` (whole batch) or ``[batch, E]`` (one
-    row per sequence, broadcast over its tokens); None goes back to the default gates.
-    Returns how many layers took them."""
-    count = 0
-    for _, layer in molora_layers(model):
-        if layer.router.accepts_gates:
-            layer.router.gates = None if gates is None else torch.as_tensor(gates).to(
-                layer.router.default_gates.device)
-            count += 1
-    return count
+    """Deprecated: use `routing_inputs`. Set the gates of every fixed-gate router model-wide:
+    ``[E]`` (whole batch) or ``[batch, E]`` (one row per sequence, broadcast over its tokens);
+    None goes back to the default gates. Returns how many layers took them; ValueError when
+    the model has no fixed-gate router."""
+    routers = routers_taking(model, "gates")
+    if gates is not None:
+        warnings.warn(_STATE_WARNING.format(name="set_gates", what="gates"), DeprecationWarning, stacklevel=2)
+    for router in routers:
+        router.gates = None if gates is None else router.check_gates(gates)
+    return sum(1 for _, layer in molora_layers(model) if layer.router.accepts_gates)
 
 
 def set_preference(model: nn.Module, preference: Optional[Tensor]) -> int:
-    """Set the user preference ``lambda`` (``[N]`` or ``[batch, N]``, on the simplex) of every
-    hierarchical (HoE) router; None goes back to uniform. Returns how many layers took it."""
-    count = 0
-    for _, layer in molora_layers(model):
-        if layer.router.accepts_preference:
-            layer.router.set_preference(preference)
-            count += 1
-    return count
+    """Deprecated: use `routing_inputs`. Set the user preference ``lambda`` (``[N]`` or
+    ``[batch, N]``, on the simplex) of every hierarchical (HoE) router model-wide; None goes
+    back to uniform. Returns how many layers took it; ValueError when the model has no
+    hierarchical router."""
+    routers = routers_taking(model, "preference")
+    if preference is not None:
+        warnings.warn(_STATE_WARNING.format(name="set_preference", what="preference"), DeprecationWarning,
+                      stacklevel=2)
+    for router in routers:
+        router.set_preference(preference)
+    return sum(1 for _, layer in molora_layers(model) if layer.router.accepts_preference)
 
 
 def set_record_routing(model: nn.Module, enabled: bool = True) -> None:

@@ -30,6 +30,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from moelora.layers.molora_linear import molora_layers
+from moelora.ops.checks import check_true
 from moelora.ops.dtypes import accumulate_dtype
 
 __all__ = [
@@ -110,6 +111,14 @@ def router_z_loss(logits: Tensor, *, attention_mask: Optional[Tensor] = None) ->
     return (z * weights).sum() / weights.sum().clamp(min=1)
 
 
+def _check_labels(labels: Tensor, num_groups: int) -> None:
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise TypeError(f"preference_labels must be an integer tensor (group ids, -1 = unlabelled), "
+                        f"got dtype {labels.dtype}")
+    check_true((labels >= -1) & (labels < num_groups),
+               f"preference_labels must be -1 (unlabelled) or a preference group in [0, {num_groups})")
+
+
 def aux_loss(
     model: nn.Module,
     preference_labels: Optional[Tensor] = None,
@@ -124,12 +133,19 @@ def aux_loss(
 
     Each loss is averaged over the layers it applies to: group loss over layers with
     ``expert_groups`` (PMoL) when ``preference_labels`` are given, balance loss over layers that
-    routed top-k, z-loss over layers whose router has logits. Losses with no layer are 0.
+    routed top-k, z-loss over layers whose router has logits. Losses with no layer are 0 (e.g.
+    a model whose routers have no logits), but never silently for lack of a recording: a
+    RuntimeError when no layer recorded its routing (an eval-mode forward records nothing,
+    unless `set_record_routing`), when a layer in eval mode holds a recording from an earlier
+    training forward (not the last forward's), or when the routing was recorded without autograd
+    while its router trains (reentrant activation checkpointing runs the forward under no_grad:
+    the routers would get no gradient from the aux losses; use ``use_reentrant=False``).
 
     Args:
         model: any model holding MoLoRALinear layers (after a forward in training mode, or with
             `set_record_routing`).
-        preference_labels: ``[batch]`` preference group per sequence, -1 = unlabelled.
+        preference_labels: ``[batch]`` preference group per sequence, -1 = unlabelled
+            (an integer tensor; a label outside ``[-1, groups)`` is a ValueError).
         weights: ``{"group": w, "balance": w, "z": w}`` (missing keys: 0), or a `PMoLConfig`
             (its weights, temperature and eps). Default `DEFAULT_AUX_WEIGHTS`.
         attention_mask: ``[batch, seq]``, 1 for real tokens: padding adds to no loss.
@@ -154,10 +170,25 @@ def aux_loss(
 
     group, balance, z = [], [], []
     device = None
-    for _, layer in molora_layers(model):
+    recorded = 0
+    for name, layer in molora_layers(model):
         state = layer.router_state
         if state is None:
             continue
+        if not (layer.training or layer.record_routing):
+            raise RuntimeError(
+                f"aux_loss: {name or 'the layer'} is in eval mode and does not record its routing, so "
+                f"its router_state is from an earlier training forward, not the last forward: call "
+                f"aux_loss after a training-mode forward, or moelora.integrations.set_record_routing("
+                f"model) before an eval-mode one (clear_router_states drops old recordings)")
+        recorded += 1
+        if (torch.is_grad_enabled() and layer.training and state.expert_weights.grad_fn is None
+                and any(p.requires_grad for p in layer.router.parameters())):
+            raise RuntimeError(
+                f"aux_loss: {name or 'the layer'}'s routing was recorded without autograd while its "
+                f"router trains (a forward under no_grad, e.g. reentrant activation checkpointing): "
+                f"the aux losses would not reach the router. Checkpoint with use_reentrant=False "
+                f"(transformers: gradient_checkpointing_kwargs={{'use_reentrant': False}})")
         probs, logits = state.probs, state.logits
         device = state.expert_weights.device
         lead = state.expert_indices.shape[:-1]
@@ -170,13 +201,20 @@ def aux_loss(
             if temperature != 1.0 and logits is not None:
                 p = torch.softmax(logits.to(accumulate_dtype(logits.dtype)) / temperature, dim=-1)
             groups = torch.tensor(layer.expert_groups, device=p.device)
-            group.append(expert_group_soft_loss(p, groups, torch.as_tensor(preference_labels),
-                                                eps=eps, attention_mask=mask))
+            labels = torch.as_tensor(preference_labels)
+            _check_labels(labels, max(layer.expert_groups) + 1)
+            group.append(expert_group_soft_loss(p, groups, labels, eps=eps, attention_mask=mask))
         if probs is not None and state.expert_indices.shape[-1] < probs.shape[-1]:  # sparse top-k
             balance.append(load_balance_loss(probs, state.expert_indices, state.num_experts,
                                              attention_mask=mask))
         if logits is not None:
             z.append(router_z_loss(logits, attention_mask=mask))
+
+    if recorded == 0:
+        raise RuntimeError(
+            "aux_loss: no MoLoRALinear of the model recorded its routing (none exists, or the last "
+            "forward ran in eval mode, which records nothing): run the forward in training mode, "
+            "or call moelora.integrations.set_record_routing(model) first")
 
     def mean(values):
         return torch.stack(values).mean() if values else torch.zeros((), device=device)

@@ -9,8 +9,8 @@ training:
 3. Parameter-free preference routing: ``g_t = sum_j pi_j(lambda) softmax(R_j x_t)``.
 
     model = build_hoe(base_model, [ft_model_1, ft_model_2], HoEConfig(r=16))
-    set_preference(model, torch.tensor([[0.7, 0.3], [0.2, 0.8]]))  # one user per sequence
-    out = model(input_ids)
+    with routing_inputs(model, preference=torch.tensor([[0.7, 0.3], [0.2, 0.8]])):  # a user per sequence
+        out = model(input_ids)
 
 Memory: experts are built one target layer at a time; a source is a model, a state dict or a
 safetensors file / folder (tensors read lazily, one at a time), so only one layer's weights

@@ -27,7 +27,6 @@ batch), the label convention and the loss:
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Optional
 
 import torch
@@ -35,7 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from moelora.integrations.controls import disable_adapters, set_gates
+from moelora.integrations.controls import disable_adapters, routing_inputs
 from moelora.layers.molora_linear import molora_layers
 from moelora.layers.pooling import POOLINGS, backbone_hidden_states, pool_hidden
 from moelora.losses.dpo import MixtureDPOOutput, mixture_dpo_loss, sequence_logprobs
@@ -329,25 +328,6 @@ class MoEDPOModel(_MixtureDPOPolicy):
                         ref_head=self.reference_head if with_reference else None), log_weights)
 
 
-def _checkpointing(module: nn.Module) -> bool:
-    """Activation checkpointing on (transformers marks the modules it checkpoints)."""
-    return any(getattr(m, "gradient_checkpointing", False) is True for m in module.modules())
-
-
-@contextlib.contextmanager
-def _routed(model: nn.Module, gates: Tensor):
-    """Every fixed-gate router of model takes ``gates [batch, E]`` inside the block; each
-    router's previous gates come back after it."""
-    routers = [layer.router for _, layer in molora_layers(model) if layer.router.accepts_gates]
-    previous = [router.gates for router in routers]
-    set_gates(model, gates)
-    try:
-        yield model
-    finally:
-        for router, gates_before in zip(routers, previous):
-            router.gates = gates_before
-
-
 class MoELoRADPOModel(_MixtureDPOPolicy):
     """A mixture policy whose K experts are LoRA experts in the backbone, trained with DPO.
 
@@ -362,15 +342,16 @@ class MoELoRADPOModel(_MixtureDPOPolicy):
        hidden states (replica 0's would make ``w`` depend on expert 0 alone) nor their
        gradient; the base features are also what a deployed gate would see before choosing.
     2. expert pass: the N sequences replicated K times (``[K * N, S]``, replica-major), routed
-       with one-hot per-sequence gates (replica k -> expert k) set on every fixed-gate router
-       for this pass only; then the shared head's log-probs of the labels through
+       with one-hot per-sequence gates (replica k -> expert k) given to every fixed-gate router
+       for this pass only (``moelora.routing_inputs``: per call, per thread); then the shared head's log-probs of the labels through
        ``moelora.expert_logprobs`` (chunked over the vocabulary; no ``[T, V]`` logits).
 
     Memory and compute of the expert pass are K times a plain DPO step's. Inject with
     ``router={"type": "fixed", "k": 1}``: each token then computes its own expert only; the
     plain ``"fixed"`` router (k = E) gives the same values but computes all E experts with
-    zero weights. Activation checkpointing is refused: its recomputation in backward would run
-    after the one-hot gates were reset.
+    zero weights. Activation checkpointing works when it replays the gates: checkpoint with
+    ``use_reentrant=False, context_fn=moelora.routing_checkpoint_context`` (transformers:
+    ``gradient_checkpointing_kwargs``); without that context the recomputation raises.
 
     Args:
         backbone: a module whose target linears were injected with K LoRA experts behind
@@ -465,12 +446,9 @@ class MoELoRADPOModel(_MixtureDPOPolicy):
             with torch.no_grad():
                 reference = _score(base, head, labels, ignore_index=self.ignore_index,
                                    backend=self.backend)[0][:, 0]
-        if torch.is_grad_enabled() and self.backbone.training and _checkpointing(self.backbone):
-            raise RuntimeError("MoELoRADPOModel: disable activation checkpointing on the backbone "
-                               "(its recomputation in backward would not see the per-expert gates)")
         # replica k (rows k*N .. k*N + N - 1) -> expert k
         gates = torch.eye(K, device=input_ids.device).repeat_interleave(N, dim=0)  # [K * N, K]
-        with _routed(self.backbone, gates):
+        with routing_inputs(self.backbone, gates=gates):
             hidden = _backbone_hidden(self.backbone, input_ids.repeat(K, 1),
                                       attention_mask.repeat(K, 1))  # [K * N, S, d]
         policy, _ = _score(hidden, head, labels.repeat(K, 1), ignore_index=self.ignore_index,

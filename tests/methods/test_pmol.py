@@ -136,9 +136,10 @@ def test_group_loss_pulls_mass_to_the_labelled_group():
     assert mass[labels == 0, 0].min() > 0.8 and mass[labels == 1, 1].min() > 0.8
 
 
-def test_aux_loss_without_recorded_routing_is_zero():
+def test_aux_loss_without_recorded_routing_raises():
     model = inject(TinyBlock(), PMoLConfig()).eval()
     model(torch.randn(2, 12))
-    assert aux_loss(model)["total"].item() == 0.0
+    with pytest.raises(RuntimeError, match="eval mode"):  # not silently zero
+        aux_loss(model)
     layers = molora_layers(model)
     assert layers and all(layer.router_state is None for _, layer in layers)  # eval: nothing recorded

@@ -18,15 +18,18 @@ consume. The routing regimes of docs/spec.md §1-4:
 
 Per-sequence inputs (fixed gates, HoE preferences) are ``[batch, C]`` tensors (or ``[C]``,
 shared by the batch) that broadcast over every other leading dim of ``x``: ``x [batch, seq,
-d_in]`` reads row b for all tokens of sequence b. They are set on the router (so they reach
-layers deep inside a model: see `moelora.integrations.set_gates` / `set_preference`) or passed to the
-layer's forward, which wins.
+d_in]`` reads row b for all tokens of sequence b. They flow with the call, never as module
+state a later batch could reuse: passed to the layer's forward (which wins), or scoped to a
+block by `moelora.integrations.routing_inputs` (so they reach layers deep inside a model; per
+thread, replayed by activation checkpointing through `routing_checkpoint_context`, see
+`moelora.layers.routers.context`).
 
 No router syncs with the host in its forward: shapes depend only on shapes.
 """
 from __future__ import annotations
 
 from moelora.layers.routers.base import Router, RouterOutput, broadcast_per_sequence
+from moelora.layers.routers.context import routing_checkpoint_context
 from moelora.layers.routers.dense import DenseRouter
 from moelora.layers.routers.fixed import FixedGateRouter
 from moelora.layers.routers.hierarchical import HierarchicalRouter, anchor_mixing
@@ -34,7 +37,7 @@ from moelora.layers.routers.topk import TopKRouter
 
 __all__ = [
     "RouterOutput", "Router", "TopKRouter", "DenseRouter", "FixedGateRouter", "HierarchicalRouter",
-    "ROUTERS", "build_router", "anchor_mixing", "broadcast_per_sequence",
+    "ROUTERS", "build_router", "anchor_mixing", "broadcast_per_sequence", "routing_checkpoint_context",
 ]
 
 ROUTERS = {cls.kind: cls for cls in (TopKRouter, DenseRouter, FixedGateRouter, HierarchicalRouter)}

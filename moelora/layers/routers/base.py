@@ -14,6 +14,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from moelora.layers.routers.context import lookup
+
 __all__ = ["RouterOutput", "Router", "broadcast_per_sequence", "arange_ids"]
 
 
@@ -70,6 +72,21 @@ class Router(nn.Module):
 
     def reset_parameters(self) -> None:
         pass
+
+    def _routing_input(self, key: str, persistent: Optional[Tensor], what: str) -> Optional[Tensor]:
+        """The per-call input ``key`` of this router when the forward got none: the innermost
+        `moelora.integrations.routing_inputs` scope's, else the value a deprecated
+        `set_gates` / `set_preference` left on the router, else None (the router's default);
+        a router built with ``require_input=True`` has no default and raises instead."""
+        value = lookup(self, key)
+        if value is None:
+            value = persistent
+        if value is None and getattr(self, "require_input", False):
+            raise ValueError(
+                f"{type(self).__name__} (require_input=True) got no {what} for this forward: pass "
+                f"{what}= to the layer, or run the model inside `with moelora.routing_inputs(model, "
+                f"{what}=...)`")
+        return value
 
     def _linear(self, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
         # The router runs in its own parameters' dtype (e.g. fp32 router on a bf16 model).

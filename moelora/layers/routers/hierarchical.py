@@ -151,10 +151,12 @@ class HierarchicalRouter(Router):
     """HoE preference routing (docs/spec.md §4): ``g_t = sum_j pi_j(lambda) softmax(R_j x_t + c_j)``.
 
     ``R`` is ``weight [J, E, d_in]`` (J router experts), ``c`` is ``bias [J, E]``. ``lambda``
-    (N objectives) comes per sequence from the forward's ``preference=`` or from
-    `set_preference` (``[N]`` or ``[batch, N]``); ``pi = anchor_mixing(lambda, anchors)``, and pi
-    is uniform over the router experts when no preference is given. Optional top-k of g with
-    renormalisation.
+    (N objectives, ``[N]`` or ``[batch, N]``) comes from, in order: the forward's
+    ``preference=``, the innermost `moelora.integrations.routing_inputs` scope (per call: threads
+    and batches do not share it), the value a deprecated `set_preference` left; ``pi =
+    anchor_mixing(lambda, anchors)``, and pi is uniform over the router experts when no
+    preference is given (with ``require_input=True``: an error instead). Optional top-k of g
+    with renormalisation.
 
     Router expert j is trained for anchor j by setting lambda = anchor j (pi one-hot: the other
     router experts get exactly zero gradient; use weight_decay=0 when training one at a time).
@@ -177,7 +179,7 @@ class HierarchicalRouter(Router):
     def __init__(self, in_features: int, num_experts: int, *, num_router_experts: Optional[int] = None,
                  anchors: Optional[Sequence[Sequence[float]]] = None, k: Optional[int] = None,
                  renormalize: bool = True, init: Optional[str] = None, anchor_logit: float = 8.0,
-                 device=None, dtype=None):
+                 require_input: bool = False, device=None, dtype=None):
         super().__init__(in_features, num_experts)
         if anchors is None:
             J = num_router_experts if num_router_experts is not None else num_experts
@@ -195,6 +197,7 @@ class HierarchicalRouter(Router):
         self.num_objectives = N
         self.k = k
         self.renormalize = bool(renormalize)
+        self.require_input = bool(require_input)
         columns = _one_hot_columns(anchors_t)
         if init is None:
             init = "anchor" if (columns is not None and N == num_experts) else "uniform"
@@ -214,8 +217,9 @@ class HierarchicalRouter(Router):
         self.register_buffer("anchors", anchors_t.to(device))
         self.weight = nn.Parameter(torch.empty(J, num_experts, in_features, **factory))
         self.bias = nn.Parameter(torch.empty(J, num_experts, **factory))
-        self.preference: Optional[Tensor] = None  # transient [N] / [batch, N]
-        self._mixing: Optional[Tensor] = None  # pi for self.preference, computed once
+        # set by the deprecated set_preference (model-wide, not saved): [N] / [batch, N], and its pi
+        self.preference: Optional[Tensor] = None
+        self._mixing: Optional[Tensor] = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -231,11 +235,15 @@ class HierarchicalRouter(Router):
                 self.bias.scatter_(1, columns.unsqueeze(1), self.anchor_logit)
 
     def config(self) -> dict:
-        return {"type": self.kind, "num_router_experts": self.num_router_experts,
-                "anchors": self.anchors.tolist(), "k": self.k, "renormalize": self.renormalize,
-                "init": self.init, "anchor_logit": self.anchor_logit}
+        config = {"type": self.kind, "num_router_experts": self.num_router_experts,
+                  "anchors": self.anchors.tolist(), "k": self.k, "renormalize": self.renormalize,
+                  "init": self.init, "anchor_logit": self.anchor_logit}
+        if self.require_input:
+            config["require_input"] = True
+        return config
 
     def set_preference(self, preference: Optional[Tensor]) -> None:
+        """Model-wide preference (deprecated: see `moelora.integrations.routing_inputs`)."""
         if preference is None:
             self.preference, self._mixing = None, None
             return
@@ -244,14 +252,16 @@ class HierarchicalRouter(Router):
         self.preference = preference
 
     def mixing(self, preference: Optional[Tensor] = None) -> Tensor:
-        """pi [J] or [batch, J] for a preference (default: the one set, else uniform). Validated;
-        no host sync on GPU, a fixed number of launches whatever the anchors."""
+        """pi [J] or [batch, J] for a preference (default: the routing scope's, else the one set,
+        else uniform). Validated; no host sync on GPU, a fixed number of launches whatever the
+        anchors."""
         if preference is not None:
             preference = torch.as_tensor(preference, device=self.bias.device)
             _check_preference(preference, self.num_objectives)
             return _mixing(_normalised(preference), self.anchors, self._permutation, 1e-3, 1000)
-        if self._mixing is not None:
-            return self._mixing
+        pi = self._routing_input("mixing", self._mixing, "preference")
+        if pi is not None:
+            return pi
         return torch.full((self.num_router_experts,), 1.0 / self.num_router_experts, device=self.bias.device)
 
     def forward(self, x: Tensor, *, gates=None, preference=None) -> RouterOutput:
