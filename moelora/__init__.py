@@ -23,6 +23,7 @@ from moelora.integrations import (
     set_preference,
     uninject,
 )
+from moelora.integrations.hf import from_pretrained, save_pretrained
 from moelora.layers import MoLoRALinear
 from moelora.losses.pmol import aux_loss
 from moelora.methods import (
@@ -46,6 +47,8 @@ __all__ = [
     # layers and model surgery
     "MoLoRALinear", "MoLoRAConfig", "inject", "uninject", "set_gates", "set_preference",
     "load_adapters_as_experts", "save_moelora", "load_moelora", "aux_loss",
+    # transformers save / load
+    "save_pretrained", "from_pretrained",
     # methods
     "PMoLConfig", "HoEConfig", "build_hoe", "merge_adapters", "MoEDPOModel", "MoELoRADPOModel",
     "SequenceGate", "MultiObjectiveRewardHead",
