@@ -34,3 +34,18 @@ def test_license_and_typing_marker_ship():
     assert os.path.exists(os.path.join(ROOT, "moelora", "py.typed"))
     setup_py = open(os.path.join(ROOT, "setup.py"), encoding="utf-8").read()
     assert 'license="Apache-2.0"' in setup_py and '"py.typed"' in setup_py
+
+
+def test_env_reports_integrations_and_answers_help():
+    from moelora import env
+
+    assert env._version("moelora_no_such_module") == "not installed"
+    help_out = subprocess.run([sys.executable, "-m", "moelora.env", "--help"], cwd=ROOT, capture_output=True,
+                              text=True, timeout=120)
+    assert help_out.returncode == 0 and "usage: python -m moelora.env" in help_out.stdout
+    report = subprocess.run([sys.executable, "-m", "moelora.env"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=300)
+    assert report.returncode == 0, report.stderr
+    for name in ("transformers", "peft", "trl"):
+        line = next(l for l in report.stdout.splitlines() if l.startswith(name + " "))
+        assert line.split(maxsplit=1)[1].strip()  # a version or "not installed"
