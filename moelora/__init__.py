@@ -25,6 +25,9 @@ from moelora.integrations import (
     set_preference,
     uninject,
 )
+from moelora.integrations.export import export_expert, export_soup
+from moelora.integrations.generation import generate
+from moelora.integrations.hf import from_pretrained, save_pretrained
 from moelora.layers import MoLoRALinear
 from moelora.losses.pmol import aux_loss
 from moelora.methods import (
@@ -49,6 +52,10 @@ __all__ = [
     "MoLoRALinear", "MoLoRAConfig", "inject", "uninject", "routing_inputs",
     "routing_checkpoint_context", "set_gates", "set_preference",
     "load_adapters_as_experts", "save_moelora", "load_moelora", "aux_loss",
+    # transformers save / load
+    "save_pretrained", "from_pretrained", "generate",
+    # serving engines: PEFT adapter folders
+    "export_soup", "export_expert",
     # methods
     "PMoLConfig", "HoEConfig", "build_hoe", "merge_adapters", "MoEDPOModel", "MoELoRADPOModel",
     "SequenceGate", "MultiObjectiveRewardHead",

@@ -1,18 +1,26 @@
 """Environment report: `python -m moelora.env`.
 
-Prints what a bug report needs: Python, torch / triton / CUDA versions, the devices, how the
-compiled extension was built (moelora/_build_info.py, written by setup.py) and which backends of
-the core op are available on each device.
+Prints what a bug report needs: Python, torch / triton / CUDA versions, the integrations'
+versions (transformers, peft, trl, safetensors, bitsandbytes, torchao, or "not installed"),
+the devices, how the compiled extension was built (moelora/_build_info.py, written by setup.py)
+and which backends of the core op are available on each device.
 """
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 import platform
 import sys
 
 
 def _version(module: str) -> str:
+    """The module's version, "not installed", or why it is installed but does not import."""
+    try:
+        if importlib.util.find_spec(module) is None:
+            return "not installed"
+    except (ImportError, ValueError):
+        return "not installed"
     try:
         return getattr(importlib.import_module(module), "__version__", "unknown")
     except Exception as exc:  # noqa: BLE001  (a report must not fail)

@@ -22,14 +22,14 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Union
+from typing import Optional, Union
 
 import torch.nn as nn
 
 from moelora.integrations.inject import inject_named
 from moelora.layers.molora_linear import MoLoRALinear, molora_layers
 
-__all__ = ["save_moelora", "load_moelora", "MOELORA_ADAPTER_FILE"]
+__all__ = ["save_moelora", "load_moelora", "adapter_state", "MOELORA_ADAPTER_FILE"]
 
 MOELORA_ADAPTER_FILE = "moelora_adapter.safetensors"
 MOELORA_FORMAT = "1"
@@ -46,21 +46,40 @@ def _adapter_path(path: Union[str, os.PathLike], *, create: bool) -> str:
     return os.path.join(path, MOELORA_ADAPTER_FILE)
 
 
-def save_moelora(model: nn.Module, path: Union[str, os.PathLike]) -> str:
-    """Write every MoLoRALinear's experts and router (not the base layer) to safetensors; see
-    the module docstring for the key layout. ``path``: a folder or a ``.safetensors`` file.
-    Returns the file written."""
-    from safetensors.torch import save_file
+def _is_adapter_key(key: str) -> bool:
+    """A key of a MoLoRALinear's own state dict that moelora saves (not the base layer's)."""
+    return not key.startswith("base_layer.") and not key.startswith("_")
 
+
+def adapter_state(model: nn.Module, state_dict: Optional[dict] = None) -> tuple[dict, dict, list]:
+    """``(tensors, configs, frozen)`` of every MoLoRALinear of model: the saved tensors under
+    ``<module>.<key>``, each layer's `layer_config()`, the names of the frozen saved parameters.
+    With ``state_dict`` (the model's, e.g. gathered by a trainer from FSDP shards) the tensors
+    are taken from it rather than from the live layers."""
     tensors, configs, frozen = {}, {}, []
     for name, layer in molora_layers(model):
         configs[name] = layer.layer_config()
         for key, value in layer.state_dict().items():
-            if key.startswith("base_layer.") or key.startswith("_"):
+            if not _is_adapter_key(key):
                 continue
+            if state_dict is not None:
+                if f"{name}.{key}" not in state_dict:
+                    raise ValueError(f"state_dict has no {name}.{key} (the model's MoLoRALinear {name} has it)")
+                value = state_dict[f"{name}.{key}"]
             tensors[f"{name}.{key}"] = value.detach().cpu().contiguous().clone()
         frozen += [f"{name}.{key}" for key, param in layer.named_parameters()
                    if not key.startswith("base_layer.") and not param.requires_grad]
+    return tensors, configs, frozen
+
+
+def save_moelora(model: nn.Module, path: Union[str, os.PathLike], *, state_dict: Optional[dict] = None) -> str:
+    """Write every MoLoRALinear's experts and router (not the base layer) to safetensors; see
+    the module docstring for the key layout. ``path``: a folder or a ``.safetensors`` file;
+    ``state_dict``: take the tensors from this state dict of model (see `adapter_state`).
+    Returns the file written."""
+    from safetensors.torch import save_file
+
+    tensors, configs, frozen = adapter_state(model, state_dict)
     if not configs:
         raise ValueError("save_moelora: the model has no MoLoRALinear layer")
     file = _adapter_path(path, create=True)
@@ -99,8 +118,13 @@ def load_moelora(model: nn.Module, path: Union[str, os.PathLike], *, freeze_base
         else:
             raise ValueError(f"{name} is a {type(module).__name__}, expected nn.Linear or MoLoRALinear")
     if to_build:
-        inject_named(model, to_build, lambda base, name: MoLoRALinear.from_config(base, configs[name]),
-                     freeze_base=freeze_base)
+        # the experts / router in the dtype they were saved in (the base's may differ, e.g.
+        # fp32 experts imported onto a bf16 model), so the round trip is exact
+        def build(base, name):
+            saved = tensors.get(f"{name}.lora_A.weight")
+            return MoLoRALinear.from_config(base, configs[name], dtype=None if saved is None else saved.dtype)
+
+        inject_named(model, to_build, build, freeze_base=freeze_base)
 
     for name in configs:
         layer = model.get_submodule(name)

@@ -107,6 +107,9 @@ def inject_named(model: nn.Module, names, make_layer: Callable, *, freeze_base: 
                 param.requires_grad_(True)
     for param, flag in existing:
         param.requires_grad_(flag)
+    from moelora.integrations.hf import attach_save_pretrained  # (here: hf imports this module)
+
+    attach_save_pretrained(model)  # transformers models: save_pretrained keeps the base keys
     return new_layers
 
 
