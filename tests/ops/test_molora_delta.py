@@ -132,3 +132,18 @@ def test_torch_compile_inductor():
     p = _problem(T=9)
     fn = torch.compile(lambda **kw: molora_delta(**kw, backend="torch") * 2, fullgraph=True)
     torch.testing.assert_close(fn(**p), 2 * molora_delta(**p, backend="torch"))
+
+
+def test_torch_backend_runs_without_a_base(monkeypatch):
+    """The torch backend has a weight=None path: the delta pays no zero base GEMM there."""
+    from moelora.ops.molora_linear import torch_backend
+
+    seen = []
+    real_fwd, real_bwd = torch_backend.forward, torch_backend.backward
+    monkeypatch.setattr(torch_backend, "forward", lambda x, w, *a: seen.append(w) or real_fwd(x, w, *a))
+    monkeypatch.setattr(torch_backend, "backward", lambda dy, x, w, *a: seen.append(w) or real_bwd(dy, x, w, *a))
+    p = _problem()
+    x = p["x"].requires_grad_()
+    molora_delta(x, p["lora_a"], p["lora_b"], p["expert_indices"], p["expert_weights"], 0.5,
+                 backend="torch").sum().backward()
+    assert seen == [None, None]
