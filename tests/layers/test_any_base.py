@@ -210,3 +210,27 @@ def test_inject_names_the_unsupported_type():
         inject(model, MoLoRAConfig(target_modules=["q_proj", "embed"], num_experts=2, r=2))
     with pytest.raises(TypeError, match="base_layer must be .* got Embedding"):
         MoLoRALinear(model.embed, 2, 2)
+
+
+def test_non_fused_base_dropout_only_on_the_experts_input():
+    layer = MoLoRALinear(_conv1d(), 3, 2, lora_dropout=0.5, router="dense", init_lora_weights=False).train()
+    x = torch.randn(6, D_IN)
+    torch.manual_seed(3)
+    y = layer(x)
+    torch.manual_seed(3)
+    route = layer.router(x)
+    x_drop = layer.lora_dropout(x)
+    assert not torch.equal(x_drop, x)
+    ref = layer.base_layer(x).double() + molora_delta_ref(
+        x_drop.double(), layer.lora_A.weight.double(), layer.lora_B.weight.double(),
+        route.expert_indices, route.expert_weights.double(), layer.scaling)
+    assert rel_error(y, ref) <= bound(torch.float32, 0.0)
+
+
+def test_non_fused_base_under_autocast():
+    layer = MoLoRALinear(_conv1d(), 3, 2, router="dense", init_lora_weights=False).eval()
+    x = torch.randn(2, 5, D_IN)
+    expected = layer(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16 and rel_error(y, expected) < 2e-2
