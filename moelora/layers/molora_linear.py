@@ -70,6 +70,8 @@ def base_features(module: nn.Module) -> Optional[tuple[int, int]]:
     """(d_in, d_out) of a supported base layer, else None: an nn.Linear (bitsandbytes' and
     torchao's quantized linears are nn.Linear too), a GPT-2 Conv1D, or any module with int
     ``in_features`` / ``out_features`` whose forward maps [..., d_in] to [..., d_out]."""
+    if isinstance(module, MoLoRALinear):  # one layer of experts per base
+        return None
     if _is_conv1d(module):
         return int(module.weight.shape[0]), int(module.nf)
     d_in, d_out = getattr(module, "in_features", None), getattr(module, "out_features", None)
@@ -153,6 +155,8 @@ class MoLoRALinear(nn.Module):
         dtype=None,
     ):
         super().__init__()
+        if isinstance(base_layer, MoLoRALinear):
+            raise TypeError("base_layer is already a MoLoRALinear; wrap its base_layer, or add experts to it")
         features = base_features(base_layer) if isinstance(base_layer, nn.Module) else None
         if features is None:
             raise TypeError(f"base_layer must be an nn.Linear, a GPT-2 Conv1D or a module with int "

@@ -112,3 +112,8 @@ def test_config_backend_reaches_every_injected_layer_and_the_delta_op(monkeypatc
     x = torch.randn(3, 8)
     (model.q_proj(x).sum() + model.c_attn(x).sum()).backward()
     assert set(linear_names) == {"torch"} and set(delta_names) == {"torch"}
+
+
+def test_a_molora_layer_is_not_a_base():
+    with pytest.raises(TypeError, match="already a MoLoRALinear"):
+        MoLoRALinear(_layer(), 2, 2)
