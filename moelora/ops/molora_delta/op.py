@@ -15,7 +15,6 @@ import torch
 from torch import Tensor
 
 from moelora.ops import dispatch
-from moelora.ops.checks import check_range
 from moelora.ops.dtypes import accumulate_dtype
 from moelora.ops.molora_delta.torch_backend import ZeroBase
 from moelora.ops.molora_delta.reference import molora_delta_ref
@@ -48,13 +47,6 @@ def _validate(x, lora_a, lora_b, expert_indices, expert_weights, scaling) -> Non
     linear_op._check_tensor("lora_b", lora_b, 3)
     base = x.new_zeros(()).expand(lora_b.shape[1], x.shape[-1])  # one element, never read
     linear_op._validate(x, base, None, lora_a, lora_b, expert_indices, expert_weights, scaling)
-
-
-def _check_expert_range(expert_indices: Tensor, num_experts: int, backend: str) -> None:
-    if expert_indices.device.type != "cpu" and getattr(BACKENDS.impl(backend), "CHECKS_IDS", False):
-        return  # the kernels assert on the ids themselves
-    check_range(expert_indices, -1, num_experts, name="expert_indices",
-                expected=f"lie in [-1, {num_experts}) (E = {num_experts}, -1 = no expert)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -160,7 +152,8 @@ def molora_delta(
     """
     _validate(x, lora_a, lora_b, expert_indices, expert_weights, scaling)
     backend = BACKENDS.resolve(backend, x.device, (x.dtype, lora_a.dtype))
-    _check_expert_range(expert_indices, lora_a.shape[0], backend)
+    # the same implementation under the same name: the core op's rule for who checks the ids
+    linear_op._check_expert_range(expert_indices, lora_a.shape[0], backend)
     lead, d_in, d_out = x.shape[:-1], x.shape[-1], lora_b.shape[1]
     k = expert_indices.shape[-1]
     x2 = x.reshape(-1, d_in)
