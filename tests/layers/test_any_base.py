@@ -234,3 +234,10 @@ def test_non_fused_base_under_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = layer(x)
     assert y.dtype == torch.bfloat16 and rel_error(y, expected) < 2e-2
+
+
+def test_conv1d_layer_compiles_with_inductor():
+    layer = MoLoRALinear(_conv1d(), 4, 3, router={"type": "topk", "k": 2}, init_lora_weights=False).eval()
+    x = torch.randn(2, 5, D_IN)
+    torch._dynamo.reset()
+    torch.testing.assert_close(torch.compile(layer, fullgraph=True)(x), layer(x))
