@@ -18,6 +18,14 @@ from helpers import bound, rel_error
 D_IN, D_OUT = 16, 8
 
 
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    # A later compile of the same code with another float scaling would otherwise recompile
+    # with a symbolic float, which the op's validation cannot take yet (issue 15, item 2).
+    yield
+    torch._dynamo.reset()
+
+
 def _float_linear(seed=0):
     torch.manual_seed(seed)
     return nn.Linear(D_IN, D_OUT)
