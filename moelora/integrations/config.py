@@ -17,6 +17,7 @@ from typing import Optional, Sequence, Union
 import torch.nn as nn
 
 from moelora.layers.molora_linear import MoLoRALinear
+from moelora.ops.dispatch import BACKEND_NAMES
 
 __all__ = ["TargetConfig", "LoRAConfig", "MoLoRAConfig"]
 
@@ -69,10 +70,12 @@ class MoLoRAConfig(LoRAConfig):
     Attributes:
         num_experts: E experts per target.
         router: "topk", "dense", "fixed", "hierarchical", or a dict {"type": ..., **kwargs}.
-        top_k: k for router "topk", 1 <= top_k <= num_experts (ignored otherwise unless given
-            in a router dict).
+        top_k: k for router "topk" (by name, or a {"type": "topk"} dict without its own "k"),
+            1 <= top_k <= num_experts, checked here (as PMoLConfig does); ignored by other routers.
         empty_expert: an empty expert for router "topk".
         noisy_router: noisy top-k for router "topk".
+        backend: the op backend of every injected layer (`moelora.ops.dispatch.BACKEND_NAMES`;
+            "auto": MOELORA_BACKEND, then the fastest available).
     """
 
     num_experts: int = 4
@@ -80,18 +83,29 @@ class MoLoRAConfig(LoRAConfig):
     top_k: int = 2
     empty_expert: bool = False
     noisy_router: bool = False
+    backend: str = "auto"
 
     def __post_init__(self):
-        if self.router == "topk" and not 1 <= self.top_k <= self.num_experts:
-            raise ValueError(f"top_k must be in [1, num_experts = {self.num_experts}], got {self.top_k}")
+        if isinstance(self.num_experts, bool) or not isinstance(self.num_experts, int) or self.num_experts < 1:
+            raise ValueError(f"num_experts must be an int >= 1, got {self.num_experts!r}")
+        if not isinstance(self.backend, str) or self.backend not in BACKEND_NAMES:
+            raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {self.backend!r}")
+        spec = self.router_spec()
+        if isinstance(spec, dict) and spec.get("type") == "topk":
+            k = spec["k"]
+            if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.num_experts:
+                what = "router k" if isinstance(self.router, dict) and "k" in self.router else "top_k"
+                raise ValueError(f"{what} must be an int in [1, num_experts = {self.num_experts}], got {k!r}")
 
     def router_spec(self) -> Union[str, dict]:
         if self.router == "topk":
             return {"type": "topk", "k": self.top_k, "empty_expert": self.empty_expert,
                     "noisy": self.noisy_router}
+        if isinstance(self.router, dict) and self.router.get("type") == "topk" and "k" not in self.router:
+            return {**self.router, "k": self.top_k}  # the config's top_k, as for router="topk"
         return self.router
 
     def make_layer(self, base_layer: nn.Linear, name: str = "") -> MoLoRALinear:
         return MoLoRALinear(base_layer, self.num_experts, self.r, self.lora_alpha, self.lora_dropout,
                             use_rslora=self.use_rslora, router=self.router_spec(),
-                            init_lora_weights=self.init_lora_weights)
+                            init_lora_weights=self.init_lora_weights, backend=self.backend)

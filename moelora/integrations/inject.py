@@ -6,8 +6,12 @@
 
 Targets follow PEFT's ``target_modules`` rules: a list of names matches a module whose name
 equals an entry or ends with ``"." + entry``; a string is a regex that must match the whole
-name; "all-linear" is every `nn.Linear` but the output embedding. Only `nn.Linear` modules
-are replaced (transformers' GPT-2 `Conv1D` is not supported). Nothing is patched on import.
+name; "all-linear" is every supported base but the output embedding. Supported bases: an
+`nn.Linear` (bitsandbytes' `Linear4bit` / `Linear8bitLt` and torchao-quantized linears are
+nn.Linear too), transformers' GPT-2 `Conv1D`, or any module with int ``in_features`` /
+``out_features`` (`moelora.layers.molora_linear.base_features`). A targeted leaf module of another
+type is an error naming its type; a second `inject` on injected targets says so. Nothing is
+patched on import.
 
 The config is any object with ``target_modules``, ``exclude_modules`` and
 ``make_layer(base_layer, name) -> MoLoRALinear`` (see `moelora.integrations.config`):
@@ -20,7 +24,7 @@ from typing import Callable, Optional
 
 import torch.nn as nn
 
-from moelora.layers.molora_linear import MoLoRALinear, molora_layers
+from moelora.layers.molora_linear import MoLoRALinear, is_supported_base, molora_layers
 
 __all__ = ["inject", "inject_named", "uninject", "match_target", "find_targets"]
 
@@ -39,25 +43,38 @@ def match_target(name: str, target_modules, exclude_modules=None) -> bool:
 
 
 def find_targets(model: nn.Module, target_modules, exclude_modules=None) -> list[str]:
-    """Names of the `nn.Linear` modules of model that the patterns select (outside MoLoRALinear
-    layers already there)."""
+    """Names of the supported base layers of model that the patterns select (outside
+    MoLoRALinear layers already there). Raises TypeError for a selected leaf module of an
+    unsupported type (a selected container, e.g. a block a regex also matches, is passed over)."""
+    return _select(model, target_modules, exclude_modules)[0]
+
+
+def _select(model: nn.Module, target_modules, exclude_modules=None) -> tuple[list[str], list[str]]:
+    """(targets, names of MoLoRALinear layers the patterns select: injected before)."""
     inside = {name for name, _ in molora_layers(model)}
     output_embeddings = None
     if target_modules == "all-linear" and hasattr(model, "get_output_embeddings"):
         output_embeddings = model.get_output_embeddings()
-    names = []
+    names, injected = [], []
     for name, module in model.named_modules():
-        if not name or not isinstance(module, nn.Linear):
-            continue
-        if any(name == p or name.startswith(p + ".") for p in inside):
+        if not name or any(name.startswith(p + ".") for p in inside):
             continue
         if target_modules == "all-linear":
-            if module is output_embeddings or _matches(exclude_modules, name):
-                continue
-        elif not match_target(name, target_modules, exclude_modules):
+            selected = (is_supported_base(module) and module is not output_embeddings
+                        and not _matches(exclude_modules, name))
+        else:
+            selected = match_target(name, target_modules, exclude_modules)
+        if not selected:
             continue
-        names.append(name)
-    return names
+        if name in inside:
+            injected.append(name)
+        elif is_supported_base(module):
+            names.append(name)
+        elif not any(True for _ in module.children()):
+            raise TypeError(f"inject: target {name!r} is a {type(module).__module__}.{type(module).__name__}; "
+                            f"supported bases are nn.Linear (incl. bitsandbytes / torchao quantized "
+                            f"linears), transformers' Conv1D, or modules with int in_features / out_features")
+    return names, injected
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -67,17 +84,22 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def inject(model: nn.Module, config, *, make_layer: Optional[Callable] = None) -> nn.Module:
-    """Replace the target `nn.Linear` modules of ``model`` by `MoLoRALinear` layers built by
+    """Replace the target base layers of ``model`` by `MoLoRALinear` layers built by
     ``config.make_layer`` (or ``make_layer(base_layer, name)``), and freeze every other parameter
     (unless ``config.freeze_base`` is False). Returns model, modified in place.
 
-    Raises ValueError when nothing matches. The original modules stay inside the new layers
+    Raises ValueError when nothing matches or every match is injected already, TypeError when a
+    targeted leaf module has an unsupported type. The original modules stay inside the new layers
     (``.base_layer``), so `uninject` undoes it.
     """
     make_layer = config.make_layer if make_layer is None else make_layer
-    names = find_targets(model, config.target_modules, getattr(config, "exclude_modules", None))
+    names, injected = _select(model, config.target_modules, getattr(config, "exclude_modules", None))
+    if not names and injected:
+        raise ValueError(f"inject: the targets of target_modules={config.target_modules!r} are already "
+                         f"injected ({', '.join(injected)}); uninject first, or target other modules")
     if not names:
-        raise ValueError(f"inject: no nn.Linear module matches target_modules={config.target_modules!r}")
+        raise ValueError(f"inject: no nn.Linear (or other supported base) module matches "
+                         f"target_modules={config.target_modules!r}")
     inject_named(model, names, make_layer, freeze_base=getattr(config, "freeze_base", True))
     return model
 

@@ -1,16 +1,20 @@
-"""`MoLoRALinear`: a drop-in replacement for an `nn.Linear` with E routed LoRA experts.
+"""`MoLoRALinear`: a drop-in replacement for a linear layer with E routed LoRA experts.
 
-    y = W x + b + s * sum_{j<k} g[t,j] B_{e[t,j]} A_{e[t,j]} dropout(x)
+    y = base_layer(x) + s * sum_{j<k} g[t,j] B_{e[t,j]} A_{e[t,j]} dropout(x)
 
-computed by the core op `moelora.molora_linear` (backend "auto": the compiled CPU kernel or
-the torch backend on CPU, Triton / CUDA on GPU). PEFT's conventions hold: the wrapped layer is
+A plain float `nn.Linear` base is fused into the core op `moelora.molora_linear` (W x + b and
+the experts in one op; backend "auto": the compiled CPU kernel or the torch backend on CPU,
+Triton / CUDA on GPU). Any other base (bitsandbytes `Linear4bit` / `Linear8bitLt`, a
+torchao-quantized linear, transformers' GPT-2 `Conv1D`, any module with ``in_features`` /
+``out_features``) computes its own output and the experts add `moelora.ops.molora_delta`; dx
+flows through the base layer's own autograd plus the experts'. PEFT's conventions hold: the wrapped layer is
 kept as the child ``base_layer`` (frozen), ``scaling = lora_alpha / r`` (rsLoRA: ``lora_alpha /
 sqrt(r)``), A is initialised like PEFT's (kaiming-uniform, a = sqrt(5), per expert) and B to
 zero, so a fresh layer leaves the model's output unchanged.
 
 Parameters (state-dict keys, PEFT-like with an expert dim in front):
 
-    base_layer.weight [d_out, d_in], base_layer.bias [d_out]   the wrapped nn.Linear (frozen)
+    base_layer.*      the wrapped layer's own keys (frozen; an nn.Linear: weight [d_out, d_in], bias)
     lora_A.weight     [E, r, d_in]
     lora_B.weight     [E, d_out, r]
     router.*          the router's parameters / buffers (see routers.py)
@@ -32,10 +36,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from moelora.layers.routers import Router, RouterOutput, build_router
+from moelora.ops.dispatch import BACKEND_NAMES
 from moelora.ops.dtypes import accumulate_dtype
+from moelora.ops.molora_delta import molora_delta
 from moelora.ops.molora_linear import molora_linear
 
-__all__ = ["MoLoRALinear", "ExpertWeight", "molora_layers"]
+__all__ = ["MoLoRALinear", "ExpertWeight", "molora_layers", "base_features", "is_supported_base"]
 
 
 class ExpertWeight(nn.Module):
@@ -54,11 +60,63 @@ def _lora_scaling(lora_alpha: float, r: int, use_rslora: bool) -> float:
     return lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
 
 
+def _is_conv1d(module: nn.Module) -> bool:
+    """transformers' GPT-2 `Conv1D` (weight [d_in, d_out]), recognised without importing
+    transformers."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "weight")
+
+
+def base_features(module: nn.Module) -> Optional[tuple[int, int]]:
+    """(d_in, d_out) of a supported base layer, else None: an nn.Linear (bitsandbytes' and
+    torchao's quantized linears are nn.Linear too), a GPT-2 Conv1D, or any module with int
+    ``in_features`` / ``out_features`` whose forward maps [..., d_in] to [..., d_out]."""
+    if isinstance(module, MoLoRALinear):  # one layer of experts per base
+        return None
+    if _is_conv1d(module):
+        return int(module.weight.shape[0]), int(module.nf)
+    d_in, d_out = getattr(module, "in_features", None), getattr(module, "out_features", None)
+    if isinstance(module, nn.Linear) or (type(d_in) is int and type(d_out) is int):
+        return int(d_in), int(d_out)
+    return None
+
+
+def is_supported_base(module: nn.Module) -> bool:
+    return base_features(module) is not None
+
+
+def _is_plain_linear(module: nn.Module) -> bool:
+    """An nn.Linear whose forward is nn.Linear's and whose weight is a plain float tensor: the
+    base the fused op computes itself. Quantized linears (bitsandbytes' own forward, torchao's
+    tensor-subclass weights) run their own forward instead."""
+    return (isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
+            and type(module.weight) in (nn.Parameter, torch.Tensor) and module.weight.is_floating_point()
+            and (module.bias is None or type(module.bias) in (nn.Parameter, torch.Tensor)))
+
+
+def _base_dtype(module: nn.Module) -> torch.dtype:
+    """The float dtype the adapters default to: the weight's, else a quantized layer's compute
+    dtype (bitsandbytes' ``compute_dtype``), else float32."""
+    weight = getattr(module, "weight", None)
+    if isinstance(weight, Tensor) and weight.is_floating_point():
+        return weight.dtype
+    compute = getattr(module, "compute_dtype", None)
+    return compute if isinstance(compute, torch.dtype) and compute.is_floating_point else torch.float32
+
+
+def _base_device(module: nn.Module) -> torch.device:
+    for tensor in (*module.parameters(), *module.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
 class MoLoRALinear(nn.Module):
-    """An `nn.Linear` plus E routed LoRA experts.
+    """A linear base layer plus E routed LoRA experts.
 
     Args:
-        base_layer: the `nn.Linear` to wrap; kept as ``self.base_layer`` and frozen.
+        base_layer: the layer to wrap, kept as ``self.base_layer`` and frozen: an `nn.Linear`
+            (fused with the experts into one op), or any base `base_features` accepts
+            (bitsandbytes / torchao quantized linears, GPT-2 `Conv1D`): its own forward, plus
+            the experts' delta.
         num_experts: E.
         r: LoRA rank (shared by the experts).
         lora_alpha: scaling numerator: ``scaling = lora_alpha / r`` (``/ sqrt(r)`` with rsLoRA).
@@ -72,7 +130,11 @@ class MoLoRALinear(nn.Module):
         expert_groups: optional group id per expert (PMoL preference groups), length E.
         scaling: set the scaling directly, overriding lora_alpha / r (e.g. experts imported
             from adapters with another alpha / r).
-        device, dtype: for the new parameters (default: the base layer's).
+        backend: the op backend of this layer (one of `moelora.ops.dispatch.BACKEND_NAMES`),
+            passed to every call of the op; "auto" (default) follows MOELORA_BACKEND, then the
+            fastest available.
+        device, dtype: for the new parameters (default: the base layer's; a quantized base's
+            compute dtype, else float32).
     """
 
     def __init__(
@@ -88,12 +150,19 @@ class MoLoRALinear(nn.Module):
         init_lora_weights=True,
         expert_groups: Optional[Sequence[int]] = None,
         scaling: Optional[float] = None,
+        backend: str = "auto",
         device=None,
         dtype=None,
     ):
         super().__init__()
-        if not isinstance(base_layer, nn.Linear):
-            raise TypeError(f"base_layer must be an nn.Linear, got {type(base_layer).__name__}")
+        if isinstance(base_layer, MoLoRALinear):
+            raise TypeError("base_layer is already a MoLoRALinear; wrap its base_layer, or add experts to it")
+        features = base_features(base_layer) if isinstance(base_layer, nn.Module) else None
+        if features is None:
+            raise TypeError(f"base_layer must be an nn.Linear, a GPT-2 Conv1D or a module with int "
+                            f"in_features / out_features, got {type(base_layer).__name__}")
+        if not isinstance(backend, str) or backend not in BACKEND_NAMES:
+            raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {backend!r}")
         if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
             raise ValueError(f"num_experts must be an int >= 1, got {num_experts!r}")
         if isinstance(r, bool) or not isinstance(r, int) or r < 1:
@@ -104,8 +173,8 @@ class MoLoRALinear(nn.Module):
             raise ValueError(f"expert_groups must have one entry per expert ({num_experts}), got {len(expert_groups)}")
         self.base_layer = base_layer
         base_layer.requires_grad_(False)
-        self.in_features = base_layer.in_features
-        self.out_features = base_layer.out_features
+        self.in_features, self.out_features = features
+        self.backend = backend
         self.num_experts = num_experts
         self.r = r
         self.lora_alpha = float(lora_alpha)
@@ -115,11 +184,10 @@ class MoLoRALinear(nn.Module):
         self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
         self.init_lora_weights = init_lora_weights
         self.expert_groups = None if expert_groups is None else [int(g) for g in expert_groups]
-        weight = base_layer.weight
         if device is None:
-            device = weight.device
+            device = _base_device(base_layer)
         if dtype is None:
-            dtype = weight.dtype if weight.is_floating_point() else torch.float32
+            dtype = _base_dtype(base_layer)
         factory = {"device": device, "dtype": dtype}
         self.lora_A = ExpertWeight(num_experts, r, self.in_features, **factory)
         self.lora_B = ExpertWeight(num_experts, self.out_features, r, **factory)
@@ -160,6 +228,7 @@ class MoLoRALinear(nn.Module):
             "router": self.router.config(),
             "expert_groups": self.expert_groups,
             "scaling": self.scaling,
+            "backend": self.backend,
             "in_features": self.in_features,
             "out_features": self.out_features,
         }
@@ -167,7 +236,8 @@ class MoLoRALinear(nn.Module):
     @classmethod
     def from_config(cls, base_layer: nn.Linear, config: dict, *, device=None, dtype=None) -> "MoLoRALinear":
         kwargs = {key: config[key] for key in ("num_experts", "r", "lora_alpha", "lora_dropout",
-                                               "use_rslora", "router", "expert_groups", "scaling")
+                                               "use_rslora", "router", "expert_groups", "scaling",
+                                               "backend")
                   if key in config}
         return cls(base_layer, device=device, dtype=dtype, **kwargs)
 
@@ -175,21 +245,36 @@ class MoLoRALinear(nn.Module):
     def forward(self, x: Tensor, *, gates: Optional[Tensor] = None, preference: Optional[Tensor] = None) -> Tensor:
         """``x [..., d_in] -> [..., d_out]``. ``gates [E] | [batch, E]`` (fixed-gate routers) and
         ``preference [N] | [batch, N]`` (hierarchical routers) override what was set on the router."""
+        self._check_input(x)
         if self.disabled or self.merged:
             return self.base_layer(x)
+        fused = _is_plain_linear(self.base_layer)
+        autocast = torch.is_autocast_enabled(x.device.type)  # the custom ops are not autocast-aware
+        if fused and not autocast and x.dtype != self.base_layer.weight.dtype:
+            # as nn.Linear: no silent cast (use torch.autocast for mixed precision)
+            raise TypeError(f"x has dtype {x.dtype}, expected the base layer's dtype "
+                            f"{self.base_layer.weight.dtype} (nn.Linear raises too; cast x or use torch.autocast)")
         route = self.router(x, gates=gates, preference=preference)
         if self.training or self.record_routing:
             self.router_state = dataclasses.replace(route, num_experts=self.num_experts)
+        dropout = self.training and self.lora_dropout_p > 0
+        if not fused:  # the base computes itself (quantized, Conv1D, ...); the experts add their delta
+            x_lora = self.lora_dropout(x) if dropout else x
+            if autocast:
+                x_lora = x_lora.to(torch.get_autocast_dtype(x.device.type))
+            y = self.base_layer(x)
+            delta = molora_delta(x_lora, self.lora_A.weight, self.lora_B.weight, route.expert_indices,
+                                 route.expert_weights, self.scaling, backend=self.backend)
+            return y + delta.to(y.dtype)
         weight, bias = self.base_layer.weight, self.base_layer.bias
-        if torch.is_autocast_enabled(x.device.type):  # the custom op is not autocast-aware
+        if autocast:
             compute = torch.get_autocast_dtype(x.device.type)
             weight = weight.to(compute)
             bias = None if bias is None else bias.to(compute)
-        x = x.to(weight.dtype)
-        dropout = self.training and self.lora_dropout_p > 0
+            x = x.to(compute)
         x_lora = self.lora_dropout(x) if dropout else x
         y = molora_linear(x_lora, weight, bias, self.lora_A.weight, self.lora_B.weight,
-                          route.expert_indices, route.expert_weights, self.scaling, backend="auto")
+                          route.expert_indices, route.expert_weights, self.scaling, backend=self.backend)
         if dropout:
             # The op feeds one x to both the base GEMM and the experts; PEFT's base sees x
             # undropped. By linearity W x = W x_drop + W (x - x_drop): one extra GEMM, and only
@@ -197,10 +282,33 @@ class MoLoRALinear(nn.Module):
             y = y + F.linear(x - x_lora, weight)
         return y
 
+    def _check_input(self, x) -> None:
+        """The op's errors at the layer: before the router, whose GEMM would say 'mat1 and mat2'."""
+        if not isinstance(x, Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise TypeError(f"x must be a floating-point tensor, got {x.dtype} (the layer does not cast it)")
+        if x.dim() < 1 or x.shape[-1] != self.in_features:
+            raise ValueError(f"x has shape {tuple(x.shape)}, expected [..., {self.in_features}] "
+                             f"(last dim = in_features = {self.in_features})")
+
+    def _mergeable_weight(self) -> Tensor:
+        """The base weight as a [d_out, d_in] view to merge into: a float nn.Linear's, or a
+        Conv1D's transposed; a quantized base has no float weight to fold the experts into."""
+        base = self.base_layer
+        if _is_plain_linear(base):
+            return base.weight
+        if _is_conv1d(base) and base.weight.is_floating_point():
+            return base.weight.t()
+        raise TypeError(f"merge() needs a float nn.Linear or Conv1D base, got {type(base).__name__} "
+                        f"(a quantized weight cannot hold the merged delta exactly)")
+
     # ------------------------------------------------------------------------------------------
     def delta_weight(self, gates: Tensor) -> Tensor:
         """``s * sum_e gates_e B_e A_e`` as ``[d_out, d_in]`` in fp32 (fp64 for fp64 weights)."""
-        acc = accumulate_dtype(self.base_layer.weight.dtype)
+        weight = getattr(self.base_layer, "weight", None)
+        plain = isinstance(weight, Tensor) and weight.is_floating_point()
+        acc = accumulate_dtype(weight.dtype if plain else self.lora_A.weight.dtype)
         gates = torch.as_tensor(gates, device=self.lora_A.weight.device).to(acc)
         if gates.shape != (self.num_experts,):
             raise ValueError(f"gates must be [{self.num_experts}] (one fixed gate per expert), "
@@ -243,8 +351,8 @@ class MoLoRALinear(nn.Module):
         """
         if self.merged:
             raise RuntimeError("layer is already merged; unmerge() first")
+        weight = self._mergeable_weight()
         g = self._fixed_gates(gates).to(self.lora_A.weight.device)
-        weight = self.base_layer.weight
         delta = self.delta_weight(g)
         self._original_weight = weight.detach().clone() if keep_original else None
         weight.copy_((weight.to(delta.dtype) + delta).to(weight.dtype))
@@ -255,7 +363,7 @@ class MoLoRALinear(nn.Module):
     def unmerge(self) -> None:
         if not self.merged:
             raise RuntimeError("layer is not merged")
-        weight = self.base_layer.weight
+        weight = self._mergeable_weight()
         if self._original_weight is not None:
             weight.copy_(self._original_weight)
         else:

@@ -30,7 +30,11 @@ import torch.nn.functional as F
 
 from moelora.ops.dtypes import compute_dtype
 
-__all__ = ["forward", "backward", "state_like", "no_state"]
+__all__ = ["forward", "backward", "state_like", "no_state", "ACCEPTS_NO_BASE"]
+
+# weight=None (and bias None) computes the LoRA delta alone: the base-free op molora_delta
+# runs this backend without a zero base GEMM.
+ACCEPTS_NO_BASE = True
 
 
 def no_state(x, lora_a, expert_indices) -> torch.Tensor:
@@ -70,6 +74,8 @@ def forward(x, weight, bias, lora_a, lora_b, idx, gates, scaling):
     b_flat = lora_b.permute(1, 0, 2).reshape(d_out, E * r)  # column e*r+i = B_e[:, i]
     cd_b = compute_dtype(x.dtype, lora_b.dtype)
     delta = z.to(cd_b) @ b_flat.to(cd_b).t()
+    if weight is None:
+        return delta.to(acc).to(x.dtype), h, no_state(x, lora_a, idx)
     y = (F.linear(x, weight, bias).to(acc) + delta.to(acc)).to(x.dtype)
     return y, h, no_state(x, lora_a, idx)
 
@@ -96,7 +102,8 @@ def backward(grad_out, x, weight, lora_a, lora_b, idx, gates, h, state, scaling,
     if compute_grad_x:
         cd_a = compute_dtype(x.dtype, lora_a.dtype)
         lora_dx = uz.to(cd_a) @ lora_a.reshape(E * r, d_in).to(cd_a)
-        grad_x = (torch.mm(grad_out, weight).to(acc) + lora_dx.to(acc)).to(x.dtype)
+        base_dx = 0 if weight is None else torch.mm(grad_out, weight).to(acc)
+        grad_x = (base_dx + lora_dx.to(acc)).to(x.dtype)
     else:
         grad_x = x.new_empty(0)
     return grad_x, grad_a, grad_b, grad_gates
