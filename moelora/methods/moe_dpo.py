@@ -201,6 +201,9 @@ class _MixtureDPOPolicy(nn.Module):
         self.objective = objective
         self.ignore_index = ignore_index
         self.backend = backend
+        # objective="gumbel": the relaxation's temperature; anneal it between steps with
+        # moelora.losses.gumbel_temperature (model.gumbel_temperature = gumbel_temperature(step))
+        self.gumbel_temperature = 1.0
 
     def sequence_logprobs(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor, *,
                           user_embedding: Optional[Tensor] = None,
@@ -234,7 +237,7 @@ class _MixtureDPOPolicy(nn.Module):
         return mixture_dpo_loss(
             policy[:B], policy[B:], reference_chosen_logps, reference_rejected_logps,
             log_weights=log_weights, beta=self.beta, label_smoothing=self.label_smoothing,
-            objective=self.objective,
+            objective=self.objective, gumbel_temperature=self.gumbel_temperature,
         )
 
     @torch.no_grad()
@@ -255,7 +258,8 @@ class MoEDPOModel(_MixtureDPOPolicy):
         heads: ``[K, V, d]`` initial expert heads (copied into a parameter).
         gate: ``SequenceGate`` (MoE-DPO), ``FixedMixture`` (Mix-DPO), or any module mapping
             ``(hidden, prompt_mask, user_embedding)`` to log-weights ``[B, K]``.
-        reference_head: optional ``[V, d]`` frozen reference head on the *same* hidden states, for
+        reference_head: optional ``[V, d]`` frozen reference head (or ``[K, V, d]``: a frozen
+            reference ``pi_ref(k)`` per expert, margins against each expert's own) on the *same* hidden states, for
             reference log-probs computed on the fly (right when the backbone is frozen, as in
             Mix-DPO over a shared backbone). When the backbone trains, pass precomputed
             reference log-probs to ``forward`` instead.
@@ -280,10 +284,11 @@ class MoEDPOModel(_MixtureDPOPolicy):
         self.heads = nn.Parameter(heads.detach().clone())
         self.gate = gate
         if reference_head is not None:
-            if tuple(reference_head.shape) != tuple(heads.shape[1:]):
+            if tuple(reference_head.shape) not in (tuple(heads.shape[1:]), tuple(heads.shape)):
                 raise ValueError(
                     f"reference_head has shape {tuple(reference_head.shape)}, expected "
-                    f"{list(heads.shape[1:])} ([V, d] of heads)"
+                    f"{list(heads.shape[1:])} (one shared [V, d]) or {list(heads.shape)} "
+                    f"(one frozen reference head per expert, [K, V, d])"
                 )
             reference_head = reference_head.detach().clone()
         self.register_buffer("reference_head", reference_head)
@@ -324,6 +329,13 @@ class MoEDPOModel(_MixtureDPOPolicy):
         rows = hidden.shape[0] if gate_rows is None else gate_rows
         prompt_mask = _prompt_mask(attention_mask, labels, self.ignore_index)
         log_weights = self.gate(hidden[:rows], prompt_mask[:rows], user_embedding)
+        if with_reference and self.reference_head is not None and self.reference_head.dim() == 3:
+            policy, _ = _score(hidden, self.heads, labels, ignore_index=self.ignore_index,
+                               backend=self.backend)
+            with torch.no_grad():  # per-expert references [N, K]
+                reference, _ = _score(hidden, self.reference_head, labels,
+                                      ignore_index=self.ignore_index, backend=self.backend)
+            return policy, reference, log_weights
         return (*_score(hidden, self.heads, labels, ignore_index=self.ignore_index,
                         backend=self.backend,
                         ref_head=self.reference_head if with_reference else None), log_weights)

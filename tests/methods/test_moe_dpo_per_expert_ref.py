@@ -1,0 +1,54 @@
+"""MoEDPOModel with one frozen reference head per expert, and the Gumbel objective through it."""
+import pytest
+import torch
+import torch.nn as nn
+
+from moelora.losses import mixture_dpo_loss
+from moelora.methods.moe_dpo import FixedMixture, MoEDPOModel
+
+
+class _Embed(nn.Module):
+    def __init__(self, V, d):
+        super().__init__()
+        self.e = nn.Embedding(V, d)
+
+    def forward(self, ids, attention_mask=None):
+        return self.e(ids)
+
+
+def _seqlogp(hidden, head, labels):
+    logp = torch.log_softmax(hidden[:, :-1] @ head.t(), -1)
+    y = labels[:, 1:]
+    picked = logp.gather(-1, y.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return torch.where(y != -100, picked, 0.0).sum(1)
+
+
+@pytest.mark.parametrize("objective", ["em", "gumbel"])
+def test_per_expert_reference_heads(objective):
+    torch.manual_seed(0)
+    V, d, K, B, S = 11, 6, 3, 2, 5
+    backbone = _Embed(V, d)
+    heads, refs = torch.randn(K, V, d), torch.randn(K, V, d)
+    model = MoEDPOModel(backbone, heads, FixedMixture(K), reference_head=refs, beta=0.5,
+                        objective=objective, backend="torch")
+    ids_w, ids_l = torch.randint(0, V, (B, S)), torch.randint(0, V, (B, S))
+    lab_w, lab_l = ids_w.clone(), ids_l.clone()
+    lab_w[:, :2] = -100
+    lab_l[:, :2] = -100
+    mask = torch.ones(B, S, dtype=torch.long)
+    torch.manual_seed(1)
+    out = model(ids_w, mask, lab_w, ids_l, mask, lab_l)
+    with torch.no_grad():
+        hw, hl = backbone(ids_w), backbone(ids_l)
+        pw = torch.stack([_seqlogp(hw, heads[k], lab_w) for k in range(K)], 1)
+        pl = torch.stack([_seqlogp(hl, heads[k], lab_l) for k in range(K)], 1)
+        rw = torch.stack([_seqlogp(hw, refs[k], lab_w) for k in range(K)], 1)
+        rl = torch.stack([_seqlogp(hl, refs[k], lab_l) for k in range(K)], 1)
+    torch.manual_seed(1)
+    expected = mixture_dpo_loss(pw, pl, rw, rl, beta=0.5, objective=objective,
+                                log_weights=torch.full((K,), -torch.log(torch.tensor(float(K)))))
+    torch.testing.assert_close(out.margins, expected.margins, rtol=1e-5, atol=1e-5)
+    if objective == "em":
+        torch.testing.assert_close(out.loss, expected.loss, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="per expert"):
+        MoEDPOModel(backbone, heads, FixedMixture(K), reference_head=torch.randn(2, V, d))
