@@ -229,6 +229,9 @@ class _MixtureDPOPolicy(nn.Module):
         labels = torch.cat([_pad_to(chosen_labels, S, self.ignore_index),
                             _pad_to(rejected_labels, S, self.ignore_index)])
         precomputed = reference_chosen_logps is not None or reference_rejected_logps is not None
+        if getattr(self, "fused", False):
+            return self._fused_forward(input_ids, mask, labels, B, user_embedding,
+                                       reference_chosen_logps, reference_rejected_logps)
         policy, reference, log_weights = self.sequence_logprobs(
             input_ids, mask, labels, user_embedding=user_embedding, gate_rows=B,
             with_reference=not precomputed)
@@ -266,6 +269,8 @@ class MoEDPOModel(_MixtureDPOPolicy):
         beta, label_smoothing, objective: see ``moelora.losses.mixture_dpo_loss``.
         ignore_index: label id of tokens that are not scored (prompt, padding).
         backend: ``expert_logprobs`` backend.
+        fused: compute the loss with ``moelora.losses.fused_mixture_dpo_loss`` (the loss inside
+            the heads' chunk loop: 3 GEMM-equivalents instead of 4); same values and gradients.
 
     Labels follow the Hugging Face convention: ``labels [B, S]`` aligned with ``input_ids``,
     ``ignore_index`` on prompt and padding; position s's hidden state scores ``labels[s + 1]``.
@@ -275,9 +280,13 @@ class MoEDPOModel(_MixtureDPOPolicy):
     def __init__(self, backbone: nn.Module, heads: Tensor, gate: nn.Module,
                  reference_head: Optional[Tensor] = None, *, beta: float = 0.1,
                  label_smoothing: float = 0.0, objective: str = "em", ignore_index: int = -100,
-                 backend: str = "auto"):
+                 backend: str = "auto", fused: bool = False):
         super().__init__(beta=beta, label_smoothing=label_smoothing, objective=objective,
                          ignore_index=ignore_index, backend=backend)
+        if fused and objective not in ("em", "mixture"):
+            raise ValueError(f"fused=True supports objective 'em' or 'mixture', got {objective!r}")
+        # fused: the loss inside the K heads' chunk loop (moelora.losses.fused_dpo), same values
+        self.fused = fused
         if heads.dim() != 3:
             raise ValueError(f"heads must be [K, V, d], got shape {tuple(heads.shape)}")
         self.backbone = backbone
@@ -315,6 +324,25 @@ class MoEDPOModel(_MixtureDPOPolicy):
 
     def _gate_hidden(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         return _backbone_hidden(self.backbone, input_ids, attention_mask)
+
+    def _fused_forward(self, input_ids, mask, labels, B, user_embedding, ref_chosen, ref_rejected):
+        from moelora.losses.fused_dpo import fused_mixture_dpo_loss
+
+        hidden = _backbone_hidden(self.backbone, input_ids, mask)
+        prompt_mask = _prompt_mask(mask, labels, self.ignore_index)
+        log_weights = self.gate(hidden[:B], prompt_mask[:B], user_embedding)
+        if ref_chosen is None and ref_rejected is None and self.reference_head is not None:
+            with torch.no_grad():
+                ref_heads = self.reference_head if self.reference_head.dim() == 3 else self.reference_head.unsqueeze(0)
+                reference, _ = _score(hidden, ref_heads, labels, ignore_index=self.ignore_index,
+                                      backend=self.backend)
+                reference = reference if self.reference_head.dim() == 3 else reference[:, 0]
+            ref_chosen, ref_rejected = reference[:B], reference[B:]
+        return fused_mixture_dpo_loss(
+            hidden[:, :-1], self.heads, labels[:, 1:], log_weights=log_weights,
+            reference_chosen_logps=ref_chosen, reference_rejected_logps=ref_rejected,
+            beta=self.beta, label_smoothing=self.label_smoothing, objective=self.objective,
+            ignore_index=self.ignore_index, backend=self.backend)
 
     def sequence_logprobs(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor, *,
                           user_embedding: Optional[Tensor] = None,

@@ -52,3 +52,32 @@ def test_per_expert_reference_heads(objective):
         torch.testing.assert_close(out.loss, expected.loss, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="per expert"):
         MoEDPOModel(backbone, heads, FixedMixture(K), reference_head=torch.randn(2, V, d))
+
+
+@pytest.mark.parametrize("per_expert_ref", [False, True])
+def test_fused_equals_unfused(per_expert_ref):
+    from moelora.methods.moe_dpo import SequenceGate
+
+    torch.manual_seed(0)
+    V, d, K, B, S = 13, 8, 2, 3, 6
+    heads = torch.randn(K, V, d)
+    ref = torch.randn(K, V, d) if per_expert_ref else torch.randn(V, d)
+    ids_w, ids_l = torch.randint(0, V, (B, S)), torch.randint(0, V, (B, S))
+    lab_w, lab_l = ids_w.clone(), ids_l.clone()
+    lab_w[:, :2] = -100
+    lab_l[:, :3] = -100
+    mask = torch.ones(B, S, dtype=torch.long)
+    outs, grads = [], []
+    for fused in (False, True):
+        torch.manual_seed(3)
+        backbone, gate = _Embed(V, d), SequenceGate(d, K)
+        nn.init.normal_(gate.proj.weight)
+        model = MoEDPOModel(backbone, heads, gate, reference_head=ref, backend="torch", fused=fused)
+        out = model(ids_w, mask, lab_w, ids_l, mask, lab_l)
+        out.loss.backward()
+        outs.append(out)
+        grads.append([p.grad.clone() for p in model.parameters()])
+    torch.testing.assert_close(outs[1].loss, outs[0].loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(outs[1].margins, outs[0].margins, rtol=1e-5, atol=1e-6)
+    for g1, g0 in zip(grads[1], grads[0]):
+        torch.testing.assert_close(g1, g0, rtol=1e-4, atol=1e-6)
