@@ -47,6 +47,8 @@ __all__ = [
     "FixedMixture",
     "MoEDPOModel",
     "MoELoRADPOModel",
+    "IndependentMoEDPOModel",
+    "moe_dpo_model",
 ]
 
 
@@ -516,3 +518,97 @@ class MoELoRADPOModel(_MixtureDPOPolicy):
         policy, _ = _score(hidden, head, labels.repeat(K, 1), ignore_index=self.ignore_index,
                            backend=self.backend)  # [K * N, 1]
         return policy.view(K, N).t(), reference, log_weights
+
+
+def _module_logps(module: nn.Module, input_ids: Tensor, attention_mask: Tensor, labels: Tensor,
+                  ignore_index: int) -> Tensor:
+    """Sequence log-probs ``[N]`` of ``labels`` under a causal LM returning logits (a tensor,
+    an HF output with ``.logits``, or a tuple whose first item is the logits)."""
+    out = module(input_ids, attention_mask=attention_mask)
+    logits = getattr(out, "logits", out)
+    if isinstance(logits, (tuple, list)):
+        logits = logits[0]
+    y = labels[:, 1:]
+    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    picked = logp.gather(-1, y.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return torch.where(y != ignore_index, picked, 0.0).sum(1)
+
+
+class IndependentMoEDPOModel(_MixtureDPOPolicy):
+    """The "fully independent expert models" variant: K separate policies and one gate.
+
+    Args:
+        policies: K causal LMs (``policy(input_ids, attention_mask=mask)`` -> logits ``[N, S, V]``
+            or an HF output with ``.logits``); expert k is ``policies[k]``.
+        gate: maps ``(hidden, prompt_mask, user_embedding)`` to log-weights ``[B, K]``.
+        gate_backbone: frozen module giving the hidden states the gate pools (e.g. the base
+            model's backbone), run under no_grad.
+        references: None (reference-free, or pass precomputed log-probs to ``forward``), one
+            frozen model shared by all experts, or K frozen models (``pi_ref(k)`` per expert).
+        beta, label_smoothing, objective, ignore_index: as ``MoEDPOModel``.
+
+    Same ``forward`` / loss API as the other wrappers. Memory: K full models.
+    """
+
+    def __init__(self, policies, gate: nn.Module, gate_backbone: nn.Module, references=None, *,
+                 beta: float = 0.1, label_smoothing: float = 0.0, objective: str = "em",
+                 ignore_index: int = -100):
+        super().__init__(beta=beta, label_smoothing=label_smoothing, objective=objective,
+                         ignore_index=ignore_index, backend="torch")
+        policies = list(policies)
+        if not policies:
+            raise ValueError("policies must hold at least one model")
+        gate_experts = getattr(gate, "num_experts", len(policies))
+        if gate_experts != len(policies):
+            raise ValueError(f"the gate mixes {gate_experts} experts, got {len(policies)} policies")
+        if isinstance(references, nn.Module):
+            references = [references]
+        references = None if references is None else list(references)
+        if references is not None and len(references) not in (1, len(policies)):
+            raise ValueError(f"references must be one model or {len(policies)} (one per expert), "
+                             f"got {len(references)}")
+        self.policies = nn.ModuleList(policies)
+        self.gate = gate
+        self.gate_backbone = gate_backbone
+        self.references = None if references is None else nn.ModuleList(references)
+        for frozen in ([gate_backbone] + (references or [])):
+            frozen.requires_grad_(False)
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.policies)
+
+    def _gate_hidden(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        with torch.no_grad():
+            return _backbone_hidden(self.gate_backbone, input_ids, attention_mask)
+
+    def sequence_logprobs(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor, *,
+                          user_embedding: Optional[Tensor] = None,
+                          gate_rows: Optional[int] = None, with_reference: bool = True):
+        """-> ``(policy [N, K], reference [N] / [N, K] or None, log_weights [gate_rows, K])``."""
+        rows = input_ids.shape[0] if gate_rows is None else gate_rows
+        hidden = self._gate_hidden(input_ids[:rows], attention_mask[:rows])
+        log_weights = self.gate(hidden, _prompt_mask(attention_mask[:rows], labels[:rows],
+                                                     self.ignore_index), user_embedding)
+        policy = torch.stack([_module_logps(p, input_ids, attention_mask, labels, self.ignore_index)
+                              for p in self.policies], dim=1)
+        reference = None
+        if with_reference and self.references is not None:
+            with torch.no_grad():
+                refs = [_module_logps(r, input_ids, attention_mask, labels, self.ignore_index)
+                        for r in self.references]
+            reference = refs[0] if len(refs) == 1 else torch.stack(refs, dim=1)
+        return policy, reference, log_weights
+
+
+VARIANTS = {"heads": MoEDPOModel, "lora": MoELoRADPOModel, "independent": IndependentMoEDPOModel}
+
+
+def moe_dpo_model(variant: str, *args, **kwargs) -> _MixtureDPOPolicy:
+    """The paper's three variants by one argument: ``"heads"`` (shared backbone + K expert
+    heads, ``MoEDPOModel``), ``"lora"`` (K LoRA experts in the backbone, ``MoELoRADPOModel``),
+    ``"independent"`` (K separate models, one gate, ``IndependentMoEDPOModel``); the other
+    arguments go to that class."""
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {sorted(VARIANTS)}, got {variant!r}")
+    return VARIANTS[variant](*args, **kwargs)

@@ -81,3 +81,46 @@ def test_fused_equals_unfused(per_expert_ref):
     torch.testing.assert_close(outs[1].margins, outs[0].margins, rtol=1e-5, atol=1e-6)
     for g1, g0 in zip(grads[1], grads[0]):
         torch.testing.assert_close(g1, g0, rtol=1e-4, atol=1e-6)
+
+
+class _LM(nn.Module):
+    def __init__(self, V, d):
+        super().__init__()
+        self.e, self.h = nn.Embedding(V, d), nn.Linear(d, V, bias=False)
+
+    def forward(self, ids, attention_mask=None):
+        return self.h(self.e(ids))
+
+
+def test_independent_variant_matches_hand_composition():
+    from moelora.methods.moe_dpo import IndependentMoEDPOModel, moe_dpo_model
+
+    torch.manual_seed(0)
+    V, d, K, B, S = 9, 4, 2, 2, 5
+    policies = [_LM(V, d) for _ in range(K)]
+    refs = [_LM(V, d) for _ in range(K)]
+    model = moe_dpo_model("independent", policies, FixedMixture(K), _Embed(V, d), refs, beta=0.3)
+    assert isinstance(model, IndependentMoEDPOModel)
+    ids_w, ids_l = torch.randint(0, V, (B, S)), torch.randint(0, V, (B, S))
+    lab_w, lab_l = ids_w.clone(), ids_l.clone()
+    lab_w[:, :2] = -100
+    lab_l[:, :2] = -100
+    mask = torch.ones(B, S, dtype=torch.long)
+    out = model(ids_w, mask, lab_w, ids_l, mask, lab_l)
+
+    def lp(m, ids, lab):
+        logp = torch.log_softmax(m(ids)[:, :-1], -1)
+        y = lab[:, 1:]
+        return torch.where(y != -100, logp.gather(-1, y.clamp(min=0)[..., None])[..., 0], 0.0).sum(1)
+
+    pw = torch.stack([lp(p, ids_w, lab_w) for p in policies], 1)
+    pl = torch.stack([lp(p, ids_l, lab_l) for p in policies], 1)
+    rw = torch.stack([lp(r, ids_w, lab_w) for r in refs], 1).detach()
+    rl = torch.stack([lp(r, ids_l, lab_l) for r in refs], 1).detach()
+    expected = mixture_dpo_loss(pw, pl, rw, rl, beta=0.3)
+    torch.testing.assert_close(out.loss, expected.loss, rtol=1e-5, atol=1e-6)
+    out.loss.backward()
+    assert all(p.grad is not None for p in policies[0].parameters())
+    assert all(p.grad is None for p in refs[0].parameters())
+    with pytest.raises(ValueError, match="variant"):
+        moe_dpo_model("bogus")
