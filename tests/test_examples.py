@@ -47,3 +47,12 @@ def test_moe_dpo_tiny_learns(objective, capsys):
     assert summary["initial_separation"] < 0.05, summary  # a fresh gate is uniform
     # each domain's mean gate puts most of its mass on its own expert
     assert summary["separation"] > 0.5, summary
+
+
+def test_moe_dpo_variants_smoke(capsys):
+    result = _load("moe_dpo_variants").main(["--steps", "15"])
+    for variant in ("heads", "independent"):
+        losses = result[variant]
+        assert all(math.isfinite(x) for x in losses)
+        assert losses[-1] < losses[0], (variant, losses)
+    assert "independent: loss" in capsys.readouterr().out

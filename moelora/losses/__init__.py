@@ -4,7 +4,9 @@ DPO losses of Mix- / MoE-DPO."""
 from moelora.losses.dpo import (
     MixtureDPOOutput,
     dpo_margins,
+    gumbel_temperature,
     mixture_dpo_em_loss,
+    mixture_dpo_gumbel_loss,
     mixture_dpo_loss,
     mixture_dpo_nll_loss,
     sequence_logprobs,
@@ -14,7 +16,9 @@ from moelora.losses.pmol import aux_loss, expert_group_soft_loss, load_balance_l
 __all__ = [
     "MixtureDPOOutput",
     "dpo_margins",
+    "gumbel_temperature",
     "mixture_dpo_em_loss",
+    "mixture_dpo_gumbel_loss",
     "mixture_dpo_loss",
     "mixture_dpo_nll_loss",
     "sequence_logprobs",

@@ -36,6 +36,8 @@ __all__ = [
     "dpo_margins",
     "mixture_dpo_em_loss",
     "mixture_dpo_nll_loss",
+    "mixture_dpo_gumbel_loss",
+    "gumbel_temperature",
     "mixture_dpo_loss",
     "MixtureDPOOutput",
 ]
@@ -233,6 +235,56 @@ def mixture_dpo_nll_loss(
     return _reduce(loss, reduction)
 
 
+def gumbel_temperature(step: int, *, start: float = 1.0, end: float = 0.1, steps: int = 1000) -> float:
+    """Exponential annealing of the Gumbel-softmax temperature: ``start`` at step 0, ``end`` from
+    ``steps`` on, ``tau = start * (end / start) ** (step / steps)`` in between (the usual
+    schedule of Jang et al.: a soft assignment early, close to one-hot late)."""
+    if not (start > 0 and end > 0):
+        raise ValueError(f"start and end must be positive, got {start}, {end}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive int, got {steps!r}")
+    if step < 0:
+        raise ValueError(f"step must be >= 0, got {step}")
+    return float(start * (end / start) ** (min(step, steps) / steps))
+
+
+def mixture_dpo_gumbel_loss(
+    margins: Tensor,  # [B, K]
+    log_weights: Tensor,  # [K] or [B, K]
+    *,
+    temperature: float = 1.0,
+    gumbel_noise: Optional[Tensor] = None,  # [B, K] a fixed sample (tests, reproducibility)
+    generator: Optional[torch.Generator] = None,
+    label_smoothing: float = 0.0,
+    reduction: str = "mean",
+) -> tuple[Tensor, Tensor]:
+    """Gumbel-softmax relaxation of the expert assignment: ``z = softmax((log w + g) / tau)``,
+    ``g_k = -log(-log u_k)``, and the loss ``- sum_k z_k log sigmoid(D_k)``.
+
+    The assignment is sampled from the gate (the reparameterisation trick), so the gate learns
+    through ``z`` and each pair trains mostly its sampled expert; as ``tau -> 0`` (see
+    `gumbel_temperature`) ``z`` becomes one-hot. Returns ``(loss, z [B, K])``; ``z`` carries the
+    gate's gradient inside the loss and is returned detached.
+    """
+    _check_reduction(reduction)
+    _check_label_smoothing(label_smoothing)
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    log_w = _as_log_weights(margins, log_weights)
+    if gumbel_noise is None:
+        u = torch.rand(log_w.shape, generator=generator, dtype=torch.float32,
+                       device=log_w.device if generator is None else generator.device).to(log_w.device)
+        tiny = torch.finfo(torch.float32).tiny
+        gumbel_noise = -torch.log(-torch.log(u.clamp(min=tiny, max=1 - 1e-7)))
+    elif tuple(gumbel_noise.shape) != tuple(log_w.shape):
+        raise ValueError(f"gumbel_noise has shape {tuple(gumbel_noise.shape)}, expected {tuple(log_w.shape)}")
+    z = torch.softmax((log_w + gumbel_noise.to(log_w.dtype)) / temperature, dim=-1)
+    loss = -(z * F.logsigmoid(margins)).sum(-1)
+    if label_smoothing > 0:
+        loss = (1.0 - label_smoothing) * loss - label_smoothing * (z * F.logsigmoid(-margins)).sum(-1)
+    return _reduce(loss, reduction), z.detach()
+
+
 class MixtureDPOOutput(NamedTuple):
     loss: Tensor  # scalar, or [B] with reduction="none"
     margins: Tensor  # [B, K] per-expert DPO margins D_k (differentiable)
@@ -252,6 +304,9 @@ def mixture_dpo_loss(
     label_smoothing: float = 0.0,
     objective: str = "em",
     reduction: str = "mean",
+    gumbel_temperature: float = 1.0,
+    gumbel_noise: Optional[Tensor] = None,
+    generator: Optional[torch.Generator] = None,
 ) -> MixtureDPOOutput:
     """Mix-DPO / MoE-DPO loss from sequence log-probs.
 
@@ -267,11 +322,14 @@ def mixture_dpo_loss(
         beta: DPO temperature.
         label_smoothing: conservative-DPO flip probability eps in ``[0, 0.5)``.
         objective: ``"em"`` (variational EM, responsibilities without gradient) or
-            ``"mixture"`` (direct mixture likelihood).
+            ``"mixture"`` (direct mixture likelihood) or ``"gumbel"`` (Gumbel-softmax relaxed
+            assignment, `mixture_dpo_gumbel_loss`; its responsibilities are the sampled ``z``).
         reduction: ``"mean"``, ``"sum"`` or ``"none"`` over the B pairs.
+        gumbel_temperature, gumbel_noise, generator: for ``objective="gumbel"`` (anneal the
+            temperature with `gumbel_temperature`).
     """
-    if objective not in ("em", "mixture"):
-        raise ValueError(f"objective must be 'em' or 'mixture', got {objective!r}")
+    if objective not in ("em", "mixture", "gumbel"):
+        raise ValueError(f"objective must be 'em', 'mixture' or 'gumbel', got {objective!r}")
     margins = dpo_margins(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
                           reference_rejected_logps, beta=beta)
     K = margins.shape[1]
@@ -288,6 +346,10 @@ def mixture_dpo_loss(
     if objective == "em":
         loss, q = mixture_dpo_em_loss(margins, log_w, label_smoothing=label_smoothing,
                                       reduction=reduction)
+    elif objective == "gumbel":
+        loss, q = mixture_dpo_gumbel_loss(margins, log_w, temperature=gumbel_temperature,
+                                          gumbel_noise=gumbel_noise, generator=generator,
+                                          label_smoothing=label_smoothing, reduction=reduction)
     else:
         loss = mixture_dpo_nll_loss(margins, log_w, label_smoothing=label_smoothing,
                                     reduction=reduction)

@@ -54,22 +54,14 @@ def _token_weights(mask: Optional[Tensor], lead: torch.Size, device, dtype) -> T
     return mask.to(device=device, dtype=dtype)
 
 
-def expert_group_soft_loss(
-    probs: Tensor,  # [batch, ..., E'] router probabilities (already at the wanted temperature)
-    expert_groups: Tensor,  # [E] int: group of each expert (E <= E'; extra columns: empty expert)
-    labels: Tensor,  # [batch] int: preference group per sequence, -1 = unlabelled
-    *,
-    eps: float = 1e-6,
-    attention_mask: Optional[Tensor] = None,  # [batch, ...] (1 = real token)
-) -> Tensor:
-    """``- mean_t log(sum_{e in G_p} p[t, e] + eps)`` per labelled sequence, averaged over them."""
+def _hard_group_loss(probs, groups, labels, eps, attention_mask):
     acc = accumulate_dtype(probs.dtype)
     batch, columns = probs.shape[0], probs.shape[-1]
     if labels.shape != (batch,):
-        raise ValueError(f"preference labels must be [batch] = [{batch}], got {tuple(labels.shape)}")
+        raise ValueError(f"preference labels must be [batch] = [{batch}] (int) or [batch, P] (float), "
+                         f"got {tuple(labels.shape)}")
     weights = _token_weights(attention_mask, probs.shape[:-1], probs.device, acc).reshape(batch, -1)
     p = probs.to(acc).reshape(batch, -1, columns)  # [B, L, E']
-    groups = expert_groups.to(probs.device).long()
     labels = labels.to(probs.device).long()
     # member[e, b] = 1 when expert e is in the group sequence b is labelled with
     member = (groups.unsqueeze(1) == labels.clamp(min=0).unsqueeze(0)).to(acc)  # [E, B]
@@ -78,6 +70,50 @@ def expert_group_soft_loss(
     nll = -torch.log(mass + eps)
     per_sequence = (nll * weights).sum(1) / weights.sum(1).clamp(min=1)
     labelled = (labels >= 0).to(acc)
+    return (per_sequence * labelled).sum() / labelled.sum().clamp(min=1)
+
+
+def expert_group_soft_loss(
+    probs: Tensor,  # [batch, ..., E'] router probabilities (already at the wanted temperature)
+    expert_groups: Tensor,  # [E] int: group of each expert (E <= E'; extra columns: empty expert)
+    labels: Tensor,  # [batch] int (-1 = unlabelled) or [batch, P] float soft / multi-label weights
+    *,
+    eps: float = 1e-6,
+    attention_mask: Optional[Tensor] = None,  # [batch, ...] (1 = real token)
+) -> Tensor:
+    """``- mean_t log(sum_{e in G_p} p[t, e] + eps)`` per labelled sequence, averaged over them.
+
+    Hard labels ``[batch]``: one group per sequence (-1: unlabelled, no loss). Soft or
+    multi-label targets ``[batch, P]`` (float, non-negative): a sequence with weights ``c_p``
+    adds ``- sum_p c_p mean_t log(sum_{e in G_p} p[t, e] + eps) / sum_p c_p`` (each labelled
+    group pulled in proportion to its weight, e.g. ``[1, 1]`` for helpful and harmless); an
+    all-zero row is unlabelled. A one-hot row equals the hard label.
+    """
+    acc = accumulate_dtype(probs.dtype)
+    batch, columns = probs.shape[0], probs.shape[-1]
+    groups = expert_groups.to(probs.device).long()
+    if labels.dim() == 2 and labels.is_floating_point():
+        P = labels.shape[1]
+        if labels.shape[0] != batch:
+            raise ValueError(f"soft preference labels must be [batch, P] = [{batch}, P], got {tuple(labels.shape)}")
+        if bool((labels < 0).any()):
+            raise ValueError("soft preference labels must be non-negative weights")
+        if len(groups) and int(groups.max()) >= P:
+            raise ValueError(f"soft preference labels have P = {P} columns, but expert_groups names group {int(groups.max())}")
+        targets = labels.to(device=probs.device, dtype=acc)  # [B, P]
+    else:
+        return _hard_group_loss(probs, groups, labels, eps, attention_mask)
+    weights = _token_weights(attention_mask, probs.shape[:-1], probs.device, acc).reshape(batch, -1)
+    p = probs.to(acc).reshape(batch, -1, columns)  # [B, L, E']
+    # member[e, q] = 1 when expert e is in group q; the empty expert's columns are in none
+    member = (groups.unsqueeze(1) == torch.arange(P, device=probs.device).unsqueeze(0)).to(acc)  # [E, P]
+    member = torch.cat([member, member.new_zeros(columns - len(groups), P)])
+    mass = torch.einsum("ble,ep->blp", p, member)  # [B, L, P]
+    nll = -torch.log(mass + eps)
+    per_group = (nll * weights.unsqueeze(-1)).sum(1) / weights.sum(1).clamp(min=1).unsqueeze(-1)  # [B, P]
+    total = targets.sum(1)
+    labelled = (total > 0).to(acc)
+    per_sequence = (per_group * targets).sum(1) / total.clamp(min=torch.finfo(acc).tiny)
     return (per_sequence * labelled).sum() / labelled.sum().clamp(min=1)
 
 
@@ -112,9 +148,12 @@ def router_z_loss(logits: Tensor, *, attention_mask: Optional[Tensor] = None) ->
 
 
 def _check_labels(labels: Tensor, num_groups: int) -> None:
+    if labels.is_floating_point() and labels.dim() == 2:
+        return  # soft / multi-label weights: expert_group_soft_loss checks them
     if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-        raise TypeError(f"preference_labels must be an integer tensor (group ids, -1 = unlabelled), "
-                        f"got dtype {labels.dtype}")
+        raise TypeError(f"preference_labels must be an integer tensor [batch] (group ids, -1 = "
+                        f"unlabelled) or float weights [batch, P], got dtype {labels.dtype} and "
+                        f"shape {tuple(labels.shape)}")
     check_true((labels >= -1) & (labels < num_groups),
                f"preference_labels must be -1 (unlabelled) or a preference group in [0, {num_groups})")
 
@@ -144,8 +183,9 @@ def aux_loss(
     Args:
         model: any model holding MoLoRALinear layers (after a forward in training mode, or with
             `set_record_routing`).
-        preference_labels: ``[batch]`` preference group per sequence, -1 = unlabelled
-            (an integer tensor; a label outside ``[-1, groups)`` is a ValueError).
+        preference_labels: ``[batch]`` integer preference group per sequence, -1 = unlabelled
+            (a label outside ``[-1, groups)`` is a ValueError), or ``[batch, P]`` float soft /
+            multi-label weights (see `expert_group_soft_loss`).
         weights: ``{"group": w, "balance": w, "z": w}`` (missing keys: 0), or a `PMoLConfig`
             (its weights, temperature and eps). Default `DEFAULT_AUX_WEIGHTS`.
         attention_mask: ``[batch, seq]``, 1 for real tokens: padding adds to no loss.

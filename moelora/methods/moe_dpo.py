@@ -46,6 +46,8 @@ __all__ = [
     "FixedMixture",
     "MoEDPOModel",
     "MoELoRADPOModel",
+    "IndependentMoEDPOModel",
+    "moe_dpo_model",
 ]
 
 
@@ -200,6 +202,9 @@ class _MixtureDPOPolicy(nn.Module):
         self.objective = objective
         self.ignore_index = ignore_index
         self.backend = backend
+        # objective="gumbel": the relaxation's temperature; anneal it between steps with
+        # moelora.losses.gumbel_temperature (model.gumbel_temperature = gumbel_temperature(step))
+        self.gumbel_temperature = 1.0
 
     def sequence_logprobs(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor, *,
                           user_embedding: Optional[Tensor] = None,
@@ -225,6 +230,9 @@ class _MixtureDPOPolicy(nn.Module):
         labels = torch.cat([_pad_to(chosen_labels, S, self.ignore_index),
                             _pad_to(rejected_labels, S, self.ignore_index)])
         precomputed = reference_chosen_logps is not None or reference_rejected_logps is not None
+        if getattr(self, "fused", False):
+            return self._fused_forward(input_ids, mask, labels, B, user_embedding,
+                                       reference_chosen_logps, reference_rejected_logps)
         policy, reference, log_weights = self.sequence_logprobs(
             input_ids, mask, labels, user_embedding=user_embedding, gate_rows=B,
             with_reference=not precomputed)
@@ -233,7 +241,7 @@ class _MixtureDPOPolicy(nn.Module):
         return mixture_dpo_loss(
             policy[:B], policy[B:], reference_chosen_logps, reference_rejected_logps,
             log_weights=log_weights, beta=self.beta, label_smoothing=self.label_smoothing,
-            objective=self.objective,
+            objective=self.objective, gumbel_temperature=self.gumbel_temperature,
         )
 
     @torch.no_grad()
@@ -254,13 +262,16 @@ class MoEDPOModel(_MixtureDPOPolicy):
         heads: ``[K, V, d]`` initial expert heads (copied into a parameter).
         gate: ``SequenceGate`` (MoE-DPO), ``FixedMixture`` (Mix-DPO), or any module mapping
             ``(hidden, prompt_mask, user_embedding)`` to log-weights ``[B, K]``.
-        reference_head: optional ``[V, d]`` frozen reference head on the *same* hidden states, for
+        reference_head: optional ``[V, d]`` frozen reference head (or ``[K, V, d]``: a frozen
+            reference ``pi_ref(k)`` per expert, margins against each expert's own) on the *same* hidden states, for
             reference log-probs computed on the fly (right when the backbone is frozen, as in
             Mix-DPO over a shared backbone). When the backbone trains, pass precomputed
             reference log-probs to ``forward`` instead.
         beta, label_smoothing, objective: see ``moelora.losses.mixture_dpo_loss``.
         ignore_index: label id of tokens that are not scored (prompt, padding).
         backend: ``expert_logprobs`` backend.
+        fused: compute the loss with ``moelora.losses.fused_mixture_dpo_loss`` (the loss inside
+            the heads' chunk loop: 3 GEMM-equivalents instead of 4); same values and gradients.
 
     Labels follow the Hugging Face convention: ``labels [B, S]`` aligned with ``input_ids``,
     ``ignore_index`` on prompt and padding; position s's hidden state scores ``labels[s + 1]``.
@@ -270,19 +281,24 @@ class MoEDPOModel(_MixtureDPOPolicy):
     def __init__(self, backbone: nn.Module, heads: Tensor, gate: nn.Module,
                  reference_head: Optional[Tensor] = None, *, beta: float = 0.1,
                  label_smoothing: float = 0.0, objective: str = "em", ignore_index: int = -100,
-                 backend: str = "auto"):
+                 backend: str = "auto", fused: bool = False):
         super().__init__(beta=beta, label_smoothing=label_smoothing, objective=objective,
                          ignore_index=ignore_index, backend=backend)
+        if fused and objective not in ("em", "mixture"):
+            raise ValueError(f"fused=True supports objective 'em' or 'mixture', got {objective!r}")
+        # fused: the loss inside the K heads' chunk loop (moelora.losses.fused_dpo), same values
+        self.fused = fused
         if heads.dim() != 3:
             raise ValueError(f"heads must be [K, V, d], got shape {tuple(heads.shape)}")
         self.backbone = backbone
         self.heads = nn.Parameter(heads.detach().clone())
         self.gate = gate
         if reference_head is not None:
-            if tuple(reference_head.shape) != tuple(heads.shape[1:]):
+            if tuple(reference_head.shape) not in (tuple(heads.shape[1:]), tuple(heads.shape)):
                 raise ValueError(
                     f"reference_head has shape {tuple(reference_head.shape)}, expected "
-                    f"{list(heads.shape[1:])} ([V, d] of heads)"
+                    f"{list(heads.shape[1:])} (one shared [V, d]) or {list(heads.shape)} "
+                    f"(one frozen reference head per expert, [K, V, d])"
                 )
             reference_head = reference_head.detach().clone()
         self.register_buffer("reference_head", reference_head)
@@ -310,6 +326,25 @@ class MoEDPOModel(_MixtureDPOPolicy):
     def _gate_hidden(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         return _backbone_hidden(self.backbone, input_ids, attention_mask)
 
+    def _fused_forward(self, input_ids, mask, labels, B, user_embedding, ref_chosen, ref_rejected):
+        from moelora.losses.fused_dpo import fused_mixture_dpo_loss
+
+        hidden = _backbone_hidden(self.backbone, input_ids, mask)
+        prompt_mask = _prompt_mask(mask, labels, self.ignore_index)
+        log_weights = self.gate(hidden[:B], prompt_mask[:B], user_embedding)
+        if ref_chosen is None and ref_rejected is None and self.reference_head is not None:
+            with torch.no_grad():
+                ref_heads = self.reference_head if self.reference_head.dim() == 3 else self.reference_head.unsqueeze(0)
+                reference, _ = _score(hidden, ref_heads, labels, ignore_index=self.ignore_index,
+                                      backend=self.backend)
+                reference = reference if self.reference_head.dim() == 3 else reference[:, 0]
+            ref_chosen, ref_rejected = reference[:B], reference[B:]
+        return fused_mixture_dpo_loss(
+            hidden[:, :-1], self.heads, labels[:, 1:], log_weights=log_weights,
+            reference_chosen_logps=ref_chosen, reference_rejected_logps=ref_rejected,
+            beta=self.beta, label_smoothing=self.label_smoothing, objective=self.objective,
+            ignore_index=self.ignore_index, backend=self.backend)
+
     def sequence_logprobs(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor, *,
                           user_embedding: Optional[Tensor] = None,
                           gate_rows: Optional[int] = None, with_reference: bool = True):
@@ -323,6 +358,13 @@ class MoEDPOModel(_MixtureDPOPolicy):
         rows = hidden.shape[0] if gate_rows is None else gate_rows
         prompt_mask = _prompt_mask(attention_mask, labels, self.ignore_index)
         log_weights = self.gate(hidden[:rows], prompt_mask[:rows], user_embedding)
+        if with_reference and self.reference_head is not None and self.reference_head.dim() == 3:
+            policy, _ = _score(hidden, self.heads, labels, ignore_index=self.ignore_index,
+                               backend=self.backend)
+            with torch.no_grad():  # per-expert references [N, K]
+                reference, _ = _score(hidden, self.reference_head, labels,
+                                      ignore_index=self.ignore_index, backend=self.backend)
+            return policy, reference, log_weights
         return (*_score(hidden, self.heads, labels, ignore_index=self.ignore_index,
                         backend=self.backend,
                         ref_head=self.reference_head if with_reference else None), log_weights)
@@ -454,3 +496,97 @@ class MoELoRADPOModel(_MixtureDPOPolicy):
         policy, _ = _score(hidden, head, labels.repeat(K, 1), ignore_index=self.ignore_index,
                            backend=self.backend)  # [K * N, 1]
         return policy.view(K, N).t(), reference, log_weights
+
+
+def _module_logps(module: nn.Module, input_ids: Tensor, attention_mask: Tensor, labels: Tensor,
+                  ignore_index: int) -> Tensor:
+    """Sequence log-probs ``[N]`` of ``labels`` under a causal LM returning logits (a tensor,
+    an HF output with ``.logits``, or a tuple whose first item is the logits)."""
+    out = module(input_ids, attention_mask=attention_mask)
+    logits = getattr(out, "logits", out)
+    if isinstance(logits, (tuple, list)):
+        logits = logits[0]
+    y = labels[:, 1:]
+    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    picked = logp.gather(-1, y.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return torch.where(y != ignore_index, picked, 0.0).sum(1)
+
+
+class IndependentMoEDPOModel(_MixtureDPOPolicy):
+    """The "fully independent expert models" variant: K separate policies and one gate.
+
+    Args:
+        policies: K causal LMs (``policy(input_ids, attention_mask=mask)`` -> logits ``[N, S, V]``
+            or an HF output with ``.logits``); expert k is ``policies[k]``.
+        gate: maps ``(hidden, prompt_mask, user_embedding)`` to log-weights ``[B, K]``.
+        gate_backbone: frozen module giving the hidden states the gate pools (e.g. the base
+            model's backbone), run under no_grad.
+        references: None (reference-free, or pass precomputed log-probs to ``forward``), one
+            frozen model shared by all experts, or K frozen models (``pi_ref(k)`` per expert).
+        beta, label_smoothing, objective, ignore_index: as ``MoEDPOModel``.
+
+    Same ``forward`` / loss API as the other wrappers. Memory: K full models.
+    """
+
+    def __init__(self, policies, gate: nn.Module, gate_backbone: nn.Module, references=None, *,
+                 beta: float = 0.1, label_smoothing: float = 0.0, objective: str = "em",
+                 ignore_index: int = -100):
+        super().__init__(beta=beta, label_smoothing=label_smoothing, objective=objective,
+                         ignore_index=ignore_index, backend="torch")
+        policies = list(policies)
+        if not policies:
+            raise ValueError("policies must hold at least one model")
+        gate_experts = getattr(gate, "num_experts", len(policies))
+        if gate_experts != len(policies):
+            raise ValueError(f"the gate mixes {gate_experts} experts, got {len(policies)} policies")
+        if isinstance(references, nn.Module):
+            references = [references]
+        references = None if references is None else list(references)
+        if references is not None and len(references) not in (1, len(policies)):
+            raise ValueError(f"references must be one model or {len(policies)} (one per expert), "
+                             f"got {len(references)}")
+        self.policies = nn.ModuleList(policies)
+        self.gate = gate
+        self.gate_backbone = gate_backbone
+        self.references = None if references is None else nn.ModuleList(references)
+        for frozen in ([gate_backbone] + (references or [])):
+            frozen.requires_grad_(False)
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.policies)
+
+    def _gate_hidden(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        with torch.no_grad():
+            return _backbone_hidden(self.gate_backbone, input_ids, attention_mask)
+
+    def sequence_logprobs(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor, *,
+                          user_embedding: Optional[Tensor] = None,
+                          gate_rows: Optional[int] = None, with_reference: bool = True):
+        """-> ``(policy [N, K], reference [N] / [N, K] or None, log_weights [gate_rows, K])``."""
+        rows = input_ids.shape[0] if gate_rows is None else gate_rows
+        hidden = self._gate_hidden(input_ids[:rows], attention_mask[:rows])
+        log_weights = self.gate(hidden, _prompt_mask(attention_mask[:rows], labels[:rows],
+                                                     self.ignore_index), user_embedding)
+        policy = torch.stack([_module_logps(p, input_ids, attention_mask, labels, self.ignore_index)
+                              for p in self.policies], dim=1)
+        reference = None
+        if with_reference and self.references is not None:
+            with torch.no_grad():
+                refs = [_module_logps(r, input_ids, attention_mask, labels, self.ignore_index)
+                        for r in self.references]
+            reference = refs[0] if len(refs) == 1 else torch.stack(refs, dim=1)
+        return policy, reference, log_weights
+
+
+VARIANTS = {"heads": MoEDPOModel, "lora": MoELoRADPOModel, "independent": IndependentMoEDPOModel}
+
+
+def moe_dpo_model(variant: str, *args, **kwargs) -> _MixtureDPOPolicy:
+    """The paper's three variants by one argument: ``"heads"`` (shared backbone + K expert
+    heads, ``MoEDPOModel``), ``"lora"`` (K LoRA experts in the backbone, ``MoELoRADPOModel``),
+    ``"independent"`` (K separate models, one gate, ``IndependentMoEDPOModel``); the other
+    arguments go to that class."""
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {sorted(VARIANTS)}, got {variant!r}")
+    return VARIANTS[variant](*args, **kwargs)
