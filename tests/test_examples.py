@@ -56,3 +56,18 @@ def test_moe_dpo_variants_smoke(capsys):
         assert all(math.isfinite(x) for x in losses)
         assert losses[-1] < losses[0], (variant, losses)
     assert "independent: loss" in capsys.readouterr().out
+
+
+def test_hoe_train_routers_smoke(tmp_path, capsys):
+    result = _load("hoe_train_routers").main(["--smoke", "--out", str(tmp_path)])
+    for history in result["histories"]:
+        assert all(math.isfinite(t) for t in history)
+    assert result["histories"][0][-1] < result["histories"][0][0]  # router 0 lowers its objective
+    assert result["ranks"] and max(result["ranks"]) <= 4  # rank-4 task vectors: energy never asks more
+    front = result["front"]
+    assert len(front.preferences) == 3 and any(front.front)
+    # the ends of the sweep favour their own objective
+    assert front.scores[0]["-KL(ft1)"] > front.scores[-1]["-KL(ft1)"]
+    assert front.scores[-1]["-KL(ft2)"] > front.scores[0]["-KL(ft2)"]
+    assert all(str(tmp_path) in f for f in result["files"])
+    assert "non-dominated" in capsys.readouterr().out

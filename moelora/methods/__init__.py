@@ -9,7 +9,17 @@
 A new method is a new file here; it may import anything below it (integrations, losses,
 layers, ops) and nothing imports it but the top-level package.
 """
-from moelora.methods.hoe import HoEConfig, build_hoe, hoe_experts_from_models, task_vector_svd, tchebycheff
+from moelora.methods.hoe import (
+    HoEConfig,
+    RouterExpertTrainer,
+    build_hoe,
+    energy_rank,
+    hoe_experts_from_models,
+    task_vector_svd,
+    tchebycheff,
+    tchebycheff_router_loss,
+    train_router_expert,
+)
 from moelora.methods.moe_dpo import (
     FixedMixture,
     MoEDPOModel,
@@ -23,7 +33,8 @@ from moelora.methods.soups import SoupMerge, merge_adapters, serve_soups, soup_d
 
 __all__ = [
     "PMoLConfig", "group_mass",
-    "HoEConfig", "build_hoe", "hoe_experts_from_models", "task_vector_svd", "tchebycheff",
+    "HoEConfig", "build_hoe", "hoe_experts_from_models", "task_vector_svd", "tchebycheff", "energy_rank",
+    "RouterExpertTrainer", "tchebycheff_router_loss", "train_router_expert",
     "MoEDPOModel", "MoELoRADPOModel", "SequenceGate", "FixedMixture", "sequence_gates_to_routing",
     "SoupMerge", "merge_adapters", "serve_soups", "soup_deltas",
     "MultiObjectiveRewardHead", "MultiObjectiveRewardModel",
