@@ -293,10 +293,14 @@ setup(
         # transformers / PEFT models, PEFT adapters as experts and exports, safetensors files
         "hf": HF,
         # TRL trainers on injected models
-        "trl": ["trl>=0.12", *HF],
+        "trl": ["trl>=1.16", "datasets", *HF],
+        # quantized bases (QLoRA): bitsandbytes 4/8-bit and torchao linears (both run on CPU)
+        "quant": ["bitsandbytes>=0.50", "torchao>=0.18"],
         # the benchmark suite (its plot, the PEFT baseline) and what the examples and the
         # README's snippets import
         "bench": ["matplotlib>=3.5", "pytest-benchmark>=4", *HF],
-        "test": ["pytest>=7", "pytest-benchmark>=4", "numpy", *HF],
+        # every optional integration, so CI runs their tests rather than skipping them
+        "test": ["pytest>=7", "pytest-benchmark>=4", "numpy", "matplotlib>=3.5", "trl>=1.16",
+                 "datasets", "bitsandbytes>=0.50", "torchao>=0.18", *HF],
     },
 )
