@@ -5,7 +5,7 @@ rows, each input row repeated in place (``repeat_interleave``): beams and return
 of input b are rows ``b * n ... b * n + n - 1``, and beam reordering stays inside those rows.
 Gates ``[batch, E]`` or a preference ``[batch, N]`` set for the input batch therefore no longer
 fit (the routers refuse: "gates has 2 rows ... leading shape is (4, 5)"); `generate` repeats
-each row the same way for the call and puts the default routing back afterwards.
+each row the same way and gives them to the routers for the call only (`routing_inputs`).
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from moelora.integrations.controls import set_gates, set_preference
+from moelora.integrations.routing_context import routing_inputs
 
 __all__ = ["generate", "generation_expand_size", "expand_rows"]
 
@@ -59,20 +59,14 @@ def generate(model: nn.Module, *args, gates: Optional[Tensor] = None, preference
              **kwargs):
     """``model.generate(*args, **kwargs)`` with ``gates`` (``[E]`` or ``[batch, E]``, fixed-gate
     routers) and / or ``preference`` (``[N]`` or ``[batch, N]``, hierarchical routers) per input
-    sequence, expanded for ``num_beams`` / ``num_return_sequences``. The routers go back to their
-    defaults (``set_gates(model, None)`` / ``set_preference(model, None)``) afterwards."""
+    sequence, expanded for ``num_beams`` / ``num_return_sequences``, given to the routers for this
+    call only (`routing_inputs`)."""
     n = generation_expand_size(model, kwargs)
     batch = _input_batch(args, kwargs)
     gates = expand_rows(gates, n, "gates", batch)
     preference = expand_rows(preference, n, "preference", batch)
-    try:
-        if gates is not None and set_gates(model, gates) == 0:
-            raise ValueError("gates given, but the model has no fixed-gate router to take them")
-        if preference is not None and set_preference(model, preference) == 0:
-            raise ValueError("preference given, but the model has no hierarchical router to take it")
+    if gates is None and preference is None:
         return model.generate(*args, **kwargs)
-    finally:
-        if gates is not None:
-            set_gates(model, None)
-        if preference is not None:
-            set_preference(model, None)
+    # scoped to this call and thread: nothing is left on the routers afterwards
+    with routing_inputs(model, gates=gates, preference=preference):
+        return model.generate(*args, **kwargs)

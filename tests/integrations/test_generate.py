@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import moelora
-from moelora.integrations import MoLoRAConfig, inject, set_gates, set_preference
+from moelora.integrations import MoLoRAConfig, inject
 
 transformers = pytest.importorskip("transformers")
 
@@ -26,12 +26,11 @@ def _model(router, num_experts):
 GEN = dict(max_new_tokens=4, do_sample=False, min_new_tokens=4)
 
 
-def _alone(model, setter, rows, **kwargs):
+def _alone(model, what, rows, **kwargs):
     outs = []
     for b in range(IDS.shape[0]):
-        setter(model, rows[b])
-        outs.append(model.generate(IDS[b:b + 1], attention_mask=torch.ones_like(IDS[b:b + 1]), **GEN, **kwargs))
-        setter(model, None)
+        with moelora.routing_inputs(model, **{what: rows[b]}):
+            outs.append(model.generate(IDS[b:b + 1], attention_mask=torch.ones_like(IDS[b:b + 1]), **GEN, **kwargs))
     return torch.cat(outs)
 
 
@@ -43,10 +42,10 @@ def test_per_sequence_gates_follow_the_expansion(kwargs):
     mask = torch.ones_like(IDS)
     got = moelora.generate(model, IDS, attention_mask=mask, gates=gates, **GEN, **kwargs)
     assert got.shape[0] == IDS.shape[0] * kwargs.get("num_return_sequences", 1)
-    expected = _alone(model, set_gates, gates, **kwargs)
+    expected = _alone(model, "gates", gates, **kwargs)
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
     # the two rows' gates do differ in what they generate, so a swap of rows would show
-    swapped = _alone(model, set_gates, gates.flip(0), **kwargs)
+    swapped = _alone(model, "gates", gates.flip(0), **kwargs)
     assert not torch.equal(got, swapped)
     assert all(layer.router.gates is None for _, layer in moelora.layers.molora_layers(model))
 
@@ -54,9 +53,9 @@ def test_per_sequence_gates_follow_the_expansion(kwargs):
 def test_plain_generate_refuses_unexpanded_gates():
     """What moelora.generate fixes: transformers' expansion leaves [batch, E] gates behind."""
     model = _model("fixed", 3)
-    set_gates(model, torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.2, 0.8]]))
-    with pytest.raises(ValueError, match="rows"):
-        model.generate(IDS, attention_mask=torch.ones_like(IDS), num_beams=2, **GEN)
+    with moelora.routing_inputs(model, gates=torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.2, 0.8]])):
+        with pytest.raises(ValueError, match="rows"):
+            model.generate(IDS, attention_mask=torch.ones_like(IDS), num_beams=2, **GEN)
 
 
 def test_per_sequence_preference_with_beams_and_returned_sequences():
@@ -64,7 +63,7 @@ def test_per_sequence_preference_with_beams_and_returned_sequences():
     preference = torch.tensor([[0.9, 0.1], [0.2, 0.8]])
     kwargs = dict(num_beams=2, num_return_sequences=2)
     got = moelora.generate(model, IDS, attention_mask=torch.ones_like(IDS), preference=preference, **GEN, **kwargs)
-    expected = _alone(model, set_preference, preference, **kwargs)
+    expected = _alone(model, "preference", preference, **kwargs)
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
@@ -72,5 +71,5 @@ def test_bad_arguments():
     model = _model("fixed", 3)
     with pytest.raises(ValueError, match="3 rows, but the input batch has 2"):
         moelora.generate(model, IDS, gates=torch.ones(3, 3) / 3, **GEN)
-    with pytest.raises(ValueError, match="no hierarchical router"):
+    with pytest.raises(ValueError, match="no MoLoRALinear with a hierarchical"):
         moelora.generate(model, IDS, preference=torch.tensor([0.5, 0.5]), **GEN)
