@@ -34,7 +34,13 @@ class Case:
     dtype: torch.dtype | None = None  # None: the suite's dtype for the device
     graph: bool = False  # decode: time the replay of a CUDA graph of the call (on GPU)
     sweep: tuple[str, int] | None = None  # (axis, value) of a sweep point, for the plot
-    target: str = ""  # docs/perf.md's target, as a ratio over the floor
+    target: str = ""  # docs/perf.md's target, as text
+    # The target as the verdict checks it (harness.verdict): a ratio over the floor in the
+    # modes named, peak memory as a share of the naive form's, and faster than every peer.
+    limit: float | None = None
+    limit_modes: tuple[str, ...] = ()
+    memory_vs_naive: float | None = None
+    beat_peers: bool = True
 
     @property
     def train(self) -> bool:
@@ -72,37 +78,52 @@ def _molora(T, d, E, r, k):
     return dict(T=T, d_in=d, d_out=d, E=E, r=r, k=k)
 
 
+def _limit(text: str, limit: float | None, modes: tuple[str, ...]) -> dict:
+    return dict(target=text, limit=limit, limit_modes=modes)
+
+
 def _cases(profile: str) -> list[Case]:
     z = _SIZES[profile]
     T, d = z["T"], z["d"]
+    gpu = profile == "gpu"
+    # docs/perf.md's targets: the GPU rows on a GPU; on the CPU its two CPU-backend rows
+    # (train fwd+bwd <= 1.10x, decode T=1 <= 1.5x) and "ahead of every CPU peer at every case".
+    peers = "; faster than every peer"
     cases = [
         Case("train", "molora", _molora(T, d, 8, 16, 2), MODES, "training step, top-2 of 8",
-             target="fwd+bwd <= 1.08x (base fwd + dX)"),
+             **(_limit("fwd+bwd <= 1.08x (base fwd + dX)" + peers, 1.08, ("fwd+bwd",)) if gpu
+                else _limit("fwd+bwd <= 1.10x" + peers, 1.10, ("fwd+bwd",)))),
         Case("prefill", "molora", _molora(T, d, 8, 16, 2), ("forward",), "prefill, top-2 of 8",
-             target="<= 1.05x"),
+             **(_limit("<= 1.05x" + peers, 1.05, ("forward",)) if gpu else _limit("faster than every peer", None, ()))),
         Case("fine-grained", "molora", _molora(T, d, *z["fine"], 2), ("fwd+bwd", "memory"),
-             "many small experts, training", target="<= 1.10x"),
+             "many small experts, training",
+             **(_limit("<= 1.10x" + peers, 1.10, ("fwd+bwd",)) if gpu else _limit("faster than every peer", None, ()))),
     ]
     cases += [
         Case(f"decode-T{t}", "molora", _molora(t, d, 8, 16, 2), ("forward",), f"decode, {t} tokens",
-             graph=True, target="<= 1.15x (CUDA graph)")
+             graph=True,
+             **(_limit("<= 1.15x (CUDA graph)" + peers, 1.15, ("forward",)) if gpu
+                else _limit("<= 1.5x" + peers, 1.5, ("forward",)) if t == 1
+                else _limit("faster than every peer", None, ())))
         for t in z["decode"]
     ]
     tenant_T, adapters = z["tenant"]
     cases += [
         Case("multi-tenant", "molora", _molora(tenant_T, d, adapters, 16, 1), ("forward",),
-             f"serving {adapters} adapters, one per token", routing="tenant", target="<= 1.15x"),
+             f"serving {adapters} adapters, one per token", routing="tenant",
+             **(_limit("<= 1.15x" + peers, 1.15, ("forward",)) if gpu else _limit("faster than every peer", None, ()))),
         Case("lora", "molora", _molora(T, d, 1, 16, 1), ("forward", "fwd+bwd"),
              "plain LoRA (E = 1), PEFT's own layer applies", routing="single"),
         Case("moe-dpo-logprobs", "logprobs", dict(z["logprobs"]), ("fwd+bwd", "memory"),
              "per-expert heads log-probs (MoE-DPO)",
-             target="peak memory <= 1/4 of naive; time <= 1.15x the K head GEMMs"),
+             target="peak memory <= 1/4 of naive; time <= 1.15x the K head GEMMs",
+             limit=1.15, limit_modes=("fwd+bwd",), memory_vs_naive=0.25, beat_peers=False),
     ]
     if profile != "gpu":
         # docs/perf.md's CPU-backend row, at its exact shape (fp32, whatever the suite's dtype).
         cpu_shape = _molora(256, 1024, 8, 16, 2) if profile == "cpu" else _molora(16, 64, 4, 8, 2)
         cases.append(Case("cpu", "molora", cpu_shape, ("forward", "fwd+bwd"), "CPU backend target",
-                          dtype=torch.float32, target=">= 2x faster than the reference loop"))
+                          dtype=torch.float32, target="faster than every peer"))
     cases += [
         Case(f"sweep-T-{t}", "molora", _molora(t, d, 8, 16, 2), ("forward",), "sweep over T",
              sweep=("T", t))

@@ -55,11 +55,12 @@ class Settings:
     backends: tuple | None = None  # moelora backends; None: those of the device type
     contestants: tuple | None = None  # contestant name patterns to keep; None: all
     modes: tuple | None = None  # overrides each case's modes
-    passes: int = 2  # passes over the whole suite (docs/perf.md: run each case twice)
+    passes: int = 1  # passes over the whole suite, minutes apart (the host's slow drift)
+    rounds: int = 3  # rounds within a case: every contestant timed once per round, interleaved
 
     @classmethod
     def quick(cls, device: torch.device, **kw) -> "Settings":
-        return cls(device, min_run_time=0.01, warmup_ms=5, rep_ms=20, **{"passes": 1, **kw})
+        return cls(device, min_run_time=0.01, warmup_ms=5, rep_ms=20, **{"passes": 1, "rounds": 1, **kw})
 
 
 @dataclass
@@ -81,6 +82,7 @@ class Row:
     input_sets: int = 1
     pass_medians_ms: list | None = None  # each pass's median, when the suite ran several
     back_to_back_ms: float | None = None  # GPU: per call, issued back to back (launch overhead in)
+    verdict: str = "n.a."  # a moelora row against its case's target: met / missed (why) / n.a.
 
     @property
     def value(self) -> float | None:
@@ -348,55 +350,61 @@ def _maybe_graphed(case: Case, contestant: Contestant, mode: str, calls: list, s
         return calls, False, f"timed eagerly: CUDA graph capture failed ({brief(exc)})"
 
 
-def run_contestant(
+def _prepare_contestant(
     case: Case, dtype: torch.dtype, contestant: Contestant, sets: list[InputSet],
-    ref: Reference | None, modes: tuple, settings: Settings, log: Callable[[str], None],
-) -> list[Row]:
-    """Set up, check, then measure every mode: the rows of one contestant in one case."""
-    def row(mode: str, status: str, **kw) -> Row:
-        return Row(case.name, dtype_name(dtype), contestant.name, mode, status, **kw)
+    ref: Reference | None, modes: tuple, log: Callable[[str], None],
+) -> tuple[list[Prepared] | None, dict, list[Row]]:
+    """Set up and check one contestant: (prepared, checked fields, []) when right, else
+    (None, {}, the one row saying why it is not timed)."""
+    def row(status: str, **kw) -> Row:
+        return Row(case.name, dtype_name(dtype), contestant.name, "*", status, **kw)
 
     tol = TOLERANCE[dtype]
     try:
         prepared, errors = prepare(case, contestant, sets, ref, differentiates(case, modes), tol)
     except Skip as s:
-        return [row("*", s.status, reason=s.reason)]
+        return None, {}, [row(s.status, reason=s.reason)]
     except Wrong as w:
         log(f"  {contestant.name}: WRONG ({w}), not timed")
-        return [row("*", "WRONG", reason=str(w), rel_error=w.worst, tolerance=tol)]
+        return None, {}, [row("WRONG", reason=str(w), rel_error=w.worst, tolerance=tol)]
     except Exception as exc:
         log(f"  {contestant.name}: error {brief(exc)}")
-        return [row("*", "error", reason=brief(exc))]
-    checked = dict(rel_error=max(errors.values()), tolerance=tol) if errors else {}
+        return None, {}, [row("error", reason=brief(exc))]
+    return prepared, (dict(rel_error=max(errors.values()), tolerance=tol) if errors else {}), []
 
-    rows = []
-    for mode in modes:
-        note = "" if contestant.checked else "floor: not the op, not checked"
-        try:
-            if mode == "memory":
-                call = call_for(mode, case, prepared[0], sets[0])
-                peak = measure_peak_bytes(call, settings.device) / MIB
-                rows.append(row(mode, "ok", reason=note, peak_mib=peak, **checked))
-                shown = f"{peak:.1f} MiB"
-            else:
-                calls = [call_for(mode, case, p, inp) for p, inp in zip(prepared, sets)]
-                calls, graphed, eager_note = _maybe_graphed(case, contestant, mode, calls, settings)
-                median, iqr = measure_time(_rotate(calls), settings)
-                b2b = measure_back_to_back(_rotate(calls), settings)
-                rows.append(row(
-                    mode, "ok", reason=note or eager_note, median_ms=median, iqr_ms=iqr,
-                    cuda_graph=graphed, input_sets=len(calls), back_to_back_ms=b2b, **checked,
-                ))
-                shown = f"{median:.3f} ms" + (f" (back to back {b2b:.3f} ms)" if b2b is not None else "")
-        except Skip as s:
-            rows.append(row(mode, s.status, reason=s.reason))
-            continue
-        except Exception as exc:
-            log(f"  {contestant.name} {mode}: error {brief(exc)}")
-            rows.append(row(mode, "error", reason=brief(exc)))
-            continue
-        log(f"  {contestant.name:<16} {mode:<8} {shown}")
-    return rows
+
+def _measure_mode(
+    case: Case, dtype: torch.dtype, contestant: Contestant, prepared: list[Prepared],
+    sets: list[InputSet], mode: str, checked: dict, settings: Settings,
+    log: Callable[[str], None], calls_cache: dict,
+) -> Row:
+    """One measurement of one mode of a prepared contestant (the calls are built once per
+    contestant and mode, then reused by every round)."""
+    def row(status: str, **kw) -> Row:
+        return Row(case.name, dtype_name(dtype), contestant.name, mode, status, **kw)
+
+    note = "" if contestant.checked else "floor: not the op, not checked"
+    try:
+        if mode == "memory":
+            call = call_for(mode, case, prepared[0], sets[0])
+            peak = measure_peak_bytes(call, settings.device) / MIB
+            log(f"  {contestant.name:<16} {mode:<8} {peak:.1f} MiB")
+            return row("ok", reason=note, peak_mib=peak, **checked)
+        if mode not in calls_cache:
+            calls = [call_for(mode, case, p, inp) for p, inp in zip(prepared, sets)]
+            calls_cache[mode] = _maybe_graphed(case, contestant, mode, calls, settings)
+        calls, graphed, eager_note = calls_cache[mode]
+        median, iqr = measure_time(_rotate(calls), settings)
+        b2b = measure_back_to_back(_rotate(calls), settings)
+    except Skip as s:
+        return row(s.status, reason=s.reason)
+    except Exception as exc:
+        log(f"  {contestant.name} {mode}: error {brief(exc)}")
+        return row("error", reason=brief(exc))
+    shown = f"{median:.3f} ms" + (f" (back to back {b2b:.3f} ms)" if b2b is not None else "")
+    log(f"  {contestant.name:<16} {mode:<8} {shown}")
+    return row("ok", reason=note or eager_note, median_ms=median, iqr_ms=iqr, cuda_graph=graphed,
+               input_sets=len(calls), back_to_back_ms=b2b, **checked)
 
 
 def add_ratios(rows: list[Row], floor: str, naive: str) -> None:
@@ -415,6 +423,10 @@ def run_case(
     case: Case, dtype: torch.dtype, settings: Settings, log: Callable[[str], None],
     extra_contestants: list[Contestant] = (),
 ) -> list[Row]:
+    """Check every contestant, then time them interleaved: settings.rounds rounds, each timing
+    every contestant once per mode, so the floor and each contestant are measured seconds
+    apart under the same host load; ratios are taken within a round, then merged by median
+    (`merge_passes`). Memory is measured once (it does not drift with load)."""
     op = OPS[case.op]
     modes = settings.modes or case.modes
     contestants = [c for c in op.contestants(settings.device, dtype, settings.backends) if _keep(c.name, op.floor, settings)]
@@ -424,11 +436,31 @@ def run_case(
     ref = reference(case, sets[0], differentiates(case, modes)) if any(c.checked for c in contestants) else None
     if settings.device.type == "cuda":
         torch.cuda.empty_cache()  # the float64 reference's blocks are not the contestants'
-    rows = []
+    ready, failed = [], {}
     for c in contestants:
-        rows += run_contestant(case, dtype, c, sets, ref, modes, settings, log)
-    add_ratios(rows, op.floor, op.naive)
-    return rows
+        prepared, checked, rows = _prepare_contestant(case, dtype, c, sets, ref, modes, log)
+        if prepared is None:
+            failed[c.name] = rows
+        else:
+            ready.append((c, prepared, checked, {}))
+    rounds = []
+    for n in range(settings.rounds):
+        if settings.rounds > 1:
+            log(f"  round {n + 1}/{settings.rounds}")
+        rows = []
+        for c, prepared, checked, calls_cache in ready:
+            for mode in modes:
+                if mode == "memory" and n > 0:
+                    continue
+                rows.append(_measure_mode(case, dtype, c, prepared, sets, mode, checked, settings,
+                                          log, calls_cache))
+        add_ratios(rows, op.floor, op.naive)
+        rounds.append(rows)
+    merged = {(r.contestant, r.mode): r for r in merge_passes(rounds, "round")}
+    out = []
+    for c in contestants:  # suite order: each contestant's rows together
+        out += failed.get(c.name) or [merged[(c.name, m)] for m in modes if (c.name, m) in merged]
+    return out
 
 
 def stderr_log(start: float) -> Callable[[str], None]:
@@ -447,23 +479,83 @@ def run_suite(
     extra_contestants: op name -> contestants added to each case of that op (tests use it)."""
     log = log or stderr_log(time.perf_counter())
     passes = []
+    units = [(case, dtype) for case in cases for dtype in dtypes or [case.dtype or default_dtype(settings.device)]]
+    total, done, start = settings.passes * len(units), 0, time.perf_counter()
     try:
         for n in range(settings.passes):
             rows = []
             passes.append(rows)  # kept, as far as it got, if the run is interrupted
-            for i, case in enumerate(cases, 1):
-                for dtype in dtypes or [case.dtype or default_dtype(settings.device)]:
-                    where = f"pass {n + 1}/{settings.passes} " if settings.passes > 1 else ""
-                    log(f"{where}({i}/{len(cases)}) {case.name} [{dtype_name(dtype)}] {case.describe()}")
-                    rows += run_case(case, dtype, settings, log, (extra_contestants or {}).get(case.op, []))
+            for case, dtype in units:
+                where = f"pass {n + 1}/{settings.passes} " if settings.passes > 1 else ""
+                log(f"{where}({done + 1}/{total}) {case.name} [{dtype_name(dtype)}] {case.describe()}"
+                    f"{eta(time.perf_counter() - start, done, total)}")
+                rows += run_case(case, dtype, settings, log, (extra_contestants or {}).get(case.op, []))
+                done += 1
     except KeyboardInterrupt:
         # SIGINT (e.g. `timeout -s INT` on a time-limited GPU machine): keep every case that
         # finished, so the record of a run cut short is still written.
         log("interrupted: recording the cases that finished")
-        merged = SuiteRows(merge_passes([p for p in passes if p]))
+        merged = SuiteRows(add_verdicts(merge_passes([p for p in passes if p]), cases))
         merged.interrupted = True
         return merged
-    return SuiteRows(merge_passes(passes))
+    return SuiteRows(add_verdicts(merge_passes(passes), cases))
+
+
+def eta(elapsed: float, done: int, total: int) -> str:
+    """' · ETA 1m05s' from the mean time of the units done so far ('' before the first)."""
+    if done == 0 or total <= done:
+        return ""
+    left = round(elapsed / done * (total - done))
+    return f" · ETA {left // 60}m{left % 60:02d}s" if left >= 60 else f" · ETA {left}s"
+
+
+def _is_moelora(name: str) -> bool:
+    return name.startswith("moelora:")
+
+
+def verdict(row: Row, case: Case, peers: list[Row]) -> str:
+    """A moelora row against its case's target (docs/perf.md): "met", "missed (why)", or "n.a."
+    (not moelora, not measured, or no target for this mode). The target is the case's
+    ratio limit over the floor in the modes it names, memory against the naive form, and, in
+    every timed mode, being faster than every peer measured in the same run."""
+    if not _is_moelora(row.contestant) or row.status != "ok":
+        return "n.a."
+    misses, judged = [], False
+    if row.mode == "memory":
+        if case.memory_vs_naive is None:
+            return "n.a."
+        judged = True
+        if row.speedup_over_naive is None or 1 / row.speedup_over_naive > case.memory_vs_naive:
+            share = "?" if row.speedup_over_naive is None else f"{1 / row.speedup_over_naive:.2f}"
+            misses.append(f"peak {share} of naive > {case.memory_vs_naive:g}")
+        return ("missed (" + "; ".join(misses) + ")") if misses else "met"
+    if case.limit is not None and row.mode in case.limit_modes:
+        judged = True
+        if row.ratio_over_base is None or row.ratio_over_base > case.limit:
+            misses.append(f"{row.ratio_over_base or float('nan'):.2f}x > {case.limit:g}x")
+    if case.beat_peers:
+        judged = True
+        faster = [p.contestant for p in peers if p.median_ms is not None and row.median_ms is not None
+                  and p.median_ms < row.median_ms]
+        if faster:
+            misses.append("slower than " + ", ".join(faster))
+    if not judged:
+        return "n.a."
+    return ("missed (" + "; ".join(misses) + ")") if misses else "met"
+
+
+def add_verdicts(rows: list[Row], cases: list[Case]) -> list[Row]:
+    """Fill each row's verdict (see `verdict`); returns rows."""
+    by_name = {c.name: c for c in cases}
+    for r in rows:
+        case = by_name.get(r.case)
+        if case is None:
+            continue
+        floor = OPS[case.op].floor
+        peers = [p for p in rows if (p.case, p.dtype, p.mode) == (r.case, r.dtype, r.mode)
+                 and p.status == "ok" and p.contestant != floor and not _is_moelora(p.contestant)]
+        r.verdict = verdict(r, case, peers)
+    return rows
 
 
 class SuiteRows(list):
@@ -473,7 +565,7 @@ class SuiteRows(list):
     interrupted = False
 
 
-def merge_passes(passes: list[list[Row]]) -> list[Row]:
+def merge_passes(passes: list[list[Row]], unit: str = "pass") -> list[Row]:
     """One row per (case, dtype, contestant, mode) from several passes over the suite.
 
     Passes are minutes apart, so they see the host's slow drift (other work, clocks), which
@@ -493,11 +585,11 @@ def merge_passes(passes: list[list[Row]]) -> list[Row]:
             n, r = failed[0]
             m = dataclasses.replace(r)
             if len(failed) < len(rs):
-                m.reason = f"in pass {n} of {len(rs)}: {r.reason}"
+                m.reason = f"in {unit} {n} of {len(rs)}: {r.reason}"
             merged.append(m)
             continue
         if m.mode != "memory":
-            m.pass_medians_ms = [r.median_ms for r in rs]
+            m.pass_medians_ms = [t for r in rs for t in (r.pass_medians_ms or [r.median_ms])]
             m.median_ms = statistics.median(m.pass_medians_ms)
             m.iqr_ms = statistics.median(r.iqr_ms for r in rs)
             b2b = [r.back_to_back_ms for r in rs if r.back_to_back_ms is not None]

@@ -13,6 +13,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Use instruction set `name` (capped at what the CPU supports); returns the previous one.");
   m.def("compiled_cpu_isas", &moelora::compiled_cpu_isas,
         "Instruction sets compiled into this build, comma-separated.");
+  m.def("clear_cpu_cache", &moelora::clear_cpu_cache,
+        "Empty the CPU kernels' cache of adapter layouts (keyed on storage + version counter).");
+  m.def("cpu_cache_stats", &moelora::cpu_cache_stats,
+        "The CPU adapter cache's [entries, bytes, hits, misses].");
 #ifdef MOELORA_WITH_CUDA
   m.attr("with_cuda") = true;
 #else

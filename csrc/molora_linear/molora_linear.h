@@ -20,6 +20,7 @@
 #include <optional>
 #include <string>
 #include <tuple>
+#include <vector>
 
 namespace moelora {
 
@@ -83,5 +84,9 @@ std::string cpu_isa();
 std::string set_cpu_isa(const std::string& name);
 // Instruction sets compiled into this build, comma-separated.
 std::string compiled_cpu_isas();
+// The CPU kernels' cache of adapter layouts (molora_cpu.cpp, AdapterCache): empty it; and its
+// [entries, bytes, hits, misses] since the process started.
+void clear_cpu_cache();
+std::vector<int64_t> cpu_cache_stats();
 
 }  // namespace moelora

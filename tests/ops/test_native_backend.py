@@ -208,6 +208,81 @@ def test_cpu_backend_is_auto_on_cpu():
 
 
 # ---------------------------------------------------------------------------------------------
+# the adapter cache and the small-T path (csrc/molora_linear/cpu/molora_cpu.cpp)
+# ---------------------------------------------------------------------------------------------
+def _native_ref(x, w, b, a, bb, ids, g, scaling):
+    """y of the float64 reference, and the op's h [T, k, r] (A_e x_t, 0 where unrouted)."""
+    y = molora_linear_ref(*(t if t is None or not t.is_floating_point() else t.double()
+                            for t in (x, w, b, a, bb)), ids, g.double(), scaling)
+    h = torch.einsum("tc,tjrc->tjr", x.double(), a.double()[ids.clamp(min=0)]) * (ids >= 0).unsqueeze(-1)
+    return y, h
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cpu_cache_sees_in_place_updates(dtype):
+    """The cached adapter layouts are keyed on the version counter: an in-place update of A or
+    B (an optimizer step) is seen by the next forward and backward."""
+    x, w, b, a, bb, ids, g = make_inputs(5, 70, 130, 6, 4, 2)
+    x, w, b, a, bb = (t.to(dtype) for t in (x, w, b, a, bb))
+    g = g.float()
+    fwd, bwd = torch.ops.moelora.molora_linear_native_fwd, torch.ops.moelora.molora_linear_native_bwd
+    dy = torch.randn(5, 130).to(dtype)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    hits_before = _C.cpu_cache_stats()[2]
+    for step in range(3):
+        y, h = fwd(x, w, b, a, bb, ids, g, 0.5)
+        assert torch.equal(fwd(x, w, b, a, bb, ids, g, 0.5)[0], y)  # served from the cache
+        y_ref, h_ref = _native_ref(x, w, b, a, bb, ids, g, 0.5)
+        assert rel_error(y, y_ref) < tol and rel_error(h, h_ref) < tol, step
+        gx, _, _, _ = bwd(dy, x, w, a, bb, ids, g, h, 0.5, True, True)
+        xr = x.double().requires_grad_()
+        molora_linear_ref(xr, w.double(), b.double(), a.double(), bb.double(), ids, g.double(), 0.5).backward(dy.double())
+        assert rel_error(gx, xr.grad) < tol, step
+        with torch.no_grad():  # what an optimizer step does: bumps the version counters
+            a.mul_(-1.5).add_(0.25)
+            bb.add_(torch.randn_like(bb))
+    entries, _, hits, misses = _C.cpu_cache_stats()
+    assert hits >= hits_before + 3 and misses > 0 and entries >= 1
+
+
+def test_cpu_cache_new_tensor_same_values_layout_is_fresh():
+    """A freed adapter's entry never serves another tensor, even at the same address."""
+    x, w, b, a, bb, ids, g = (t if t is None or not t.is_floating_point() else t.float()
+                              for t in make_inputs(3, 40, 50, 4, 3, 2))
+    for _ in range(4):
+        bb = torch.randn_like(bb)  # the old one is freed: its storage may be reused
+        y, _ = torch.ops.moelora.molora_linear_native_fwd(x, w, b, a, bb, ids, g, 1.0)
+        assert rel_error(y, _native_ref(x, w, b, a, bb, ids, g, 1.0)[0]) < 1e-5
+
+
+@pytest.mark.parametrize("T", [1, 2, 8, 16])
+@pytest.mark.parametrize("inference", [False, True], ids=["cached", "inference-mode"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cpu_small_T(isa, T, inference, dtype):
+    """Decode sizes: the serial path (no parallel region), cached layouts, and under inference
+    mode (no version counter) the used experts only; unrouted slots included."""
+    x, w, b, a, bb, ids, g = make_inputs(T, 96, 160, 8, 16, 2)
+    ids[0, 1] = -1
+    x, w, b, a, bb = (t.to(dtype) for t in (x, w, b, a, bb))
+    g = g.float()
+    with torch.inference_mode(inference):
+        if inference:
+            a, bb = a.clone(), bb.clone()  # inference tensors
+        y, h = torch.ops.moelora.molora_linear_native_fwd(x, w, b, a, bb, ids, g, 0.75)
+    y_ref, h_ref = _native_ref(x, w, b, a, bb, ids, g, 0.75)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert y.dtype == dtype and rel_error(y, y_ref) < tol and rel_error(h, h_ref) < 1e-2
+    assert torch.equal(h[0, 1], torch.zeros_like(h[0, 1]))
+
+
+def test_cpu_inference_mode_rejects_bad_ids():
+    x, w, b, a, bb, ids, g = _op_args(1, torch.float32)
+    ids[0, 0] = 7  # E = 3
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="expert_indices"):
+        torch.ops.moelora.molora_linear_native_fwd(x, w, b, a.clone(), bb.clone(), ids, g, 1.0)
+
+
+# ---------------------------------------------------------------------------------------------
 # CUDA (skipped without a GPU or without a CUDA build)
 # ---------------------------------------------------------------------------------------------
 def _need_cuda():

@@ -15,6 +15,8 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdlib>
+#include <list>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -112,6 +114,127 @@ Routing sort_slots(const Tensor& idx, int64_t E) {
   return rt;
 }
 
+// ---------------------------------------------------------------------------------------------
+// adapter cache
+// ---------------------------------------------------------------------------------------------
+// The kernels read the adapters in the accumulate dtype and in their own layouts (B as column
+// panels in the forward; B^T and A's panels in the backward). Re-laying them out on every call
+// cost more than the LoRA work at small T (T=1: all E experts' B panels packed for the 2 used)
+// and converted bf16 adapters on every call. Layouts are cached, keyed on the adapter's storage
+// (held weakly: a freed adapter's entry can never match a new tensor at the same address), its
+// view (offset, sizes, strides, dtype) and its version counter, which every in-place write
+// through autograd-visible tensors bumps (optimizer steps, `with torch.no_grad(): w.add_()`),
+// so training steps see fresh weights. Writes through `.data` bypass version counters (as they
+// bypass autograd's own checks): MOELORA_CPU_ADAPTER_CACHE=0 turns the cache off, and
+// `moelora._C.clear_cpu_cache()` empties it. Inference tensors have no version counter: they
+// are re-laid out per call (only the used experts at small T).
+enum class Layout : int { acc = 0, transposed = 1, panels_b = 2, panels_a = 3 };
+
+struct CacheEntry {
+  c10::weak_intrusive_ptr<c10::StorageImpl> storage;
+  const void* storage_id;
+  int64_t offset;
+  std::vector<int64_t> sizes, strides;
+  at::ScalarType dtype, acc;
+  Layout layout;
+  int64_t version;
+  Tensor value;
+};
+
+class AdapterCache {
+ public:
+  // The cached layout of `src`, made by `make()` on a miss.
+  template <typename Make>
+  Tensor get(const Tensor& src, Layout layout, at::ScalarType acc, Make make) {
+    if (!enabled() || src.is_inference() || !src.has_storage()) return make();
+    const int64_t version = src._version();
+    const void* id = src.storage().unsafeGetStorageImpl();
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      for (auto it = entries_.begin(); it != entries_.end(); ++it) {
+        if (matches(*it, src, id, layout, acc)) {
+          if (it->version == version && !it->storage.expired()) {
+            entries_.splice(entries_.begin(), entries_, it);  // most recently used first
+            ++hits_;
+            return entries_.front().value;
+          }
+          bytes_ -= nbytes(it->value);
+          entries_.erase(it);
+          break;
+        }
+      }
+    }
+    Tensor value = make();  // outside the lock: other threads' lookups need not wait
+    std::lock_guard<std::mutex> lock(mu_);
+    ++misses_;
+    for (auto it = entries_.begin(); it != entries_.end();) {  // drop freed adapters' entries
+      if (it->storage.expired()) {
+        bytes_ -= nbytes(it->value);
+        it = entries_.erase(it);
+      } else {
+        ++it;
+      }
+    }
+    entries_.push_front(CacheEntry{src.storage().getWeakStorageImpl(), id, src.storage_offset(),
+                                   src.sizes().vec(), src.strides().vec(), src.scalar_type(), acc,
+                                   layout, version, value});
+    bytes_ += nbytes(value);
+    while (bytes_ > max_bytes() && entries_.size() > 1) {
+      bytes_ -= nbytes(entries_.back().value);
+      entries_.pop_back();
+    }
+    return value;
+  }
+
+  void clear() {
+    std::lock_guard<std::mutex> lock(mu_);
+    entries_.clear();
+    bytes_ = 0;
+  }
+
+  std::vector<int64_t> stats() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return {static_cast<int64_t>(entries_.size()), bytes_, hits_, misses_};
+  }
+
+ static bool enabled() {
+    static const bool on = [] {
+      const char* env = std::getenv("MOELORA_CPU_ADAPTER_CACHE");
+      return env == nullptr || std::string(env) != "0";
+    }();
+    return on;
+  }
+
+ private:
+  // Enough for the adapters of a few hundred layers at d = 1024 (1 MiB each in fp32).
+  static int64_t max_bytes() { return int64_t(1) << 30; }
+  static int64_t nbytes(const Tensor& t) { return t.numel() * t.element_size(); }
+  static bool matches(const CacheEntry& c, const Tensor& src, const void* id, Layout layout,
+                      at::ScalarType acc) {
+    return c.storage_id == id && c.layout == layout && c.acc == acc &&
+           c.dtype == src.scalar_type() && c.offset == src.storage_offset() &&
+           src.sizes().equals(c.sizes) && src.strides().equals(c.strides);
+  }
+
+  std::mutex mu_;
+  std::list<CacheEntry> entries_;
+  int64_t bytes_ = 0, hits_ = 0, misses_ = 0;
+};
+
+AdapterCache& adapter_cache() {
+  static AdapterCache* cache = new AdapterCache();  // never destroyed: no exit-order issues
+  return *cache;
+}
+
+// Grain of a parallel loop whose items each do `macs_per_item` multiply-adds: at least
+// kMinTaskMacs per task, so that small calls (decode) run inline on the calling thread instead
+// of waking the pool (a parallel region costs microseconds, as much as the whole LoRA part of
+// a T=1 call: 2 x 32 K multiply-adds at d = 1024, r = 16, k = 2).
+constexpr int64_t kMinTaskMacs = 1 << 17;
+int64_t grain_for(int64_t macs_per_item) {
+  return std::max<int64_t>(1, kMinTaskMacs / std::max<int64_t>(1, macs_per_item));
+}
+
 // Runs of at most `chunk` slots of one expert: the shrink's parallel work items. 16 slots is
 // four register blocks of tokens, enough to reuse the expert's rows from L1/L2, while T * k = 512
 // still gives 32 items to balance over the threads.
@@ -135,7 +258,8 @@ void run_shrink(const cpu::KernelTable& kt, const Tensor& M, const Tensor& X, co
   if (items.empty()) return;
   cpu::ShrinkArgs a{dtype_of(M), dtype_of(X), M.data_ptr(), X.data_ptr(), out.data_ptr(),
                     rt.order.data(), items.data(), r, n, k};
-  at::parallel_for(0, static_cast<int64_t>(items.size()), 1,
+  const int64_t per_item = ceil_div(static_cast<int64_t>(rt.order.size()), static_cast<int64_t>(items.size()));
+  at::parallel_for(0, static_cast<int64_t>(items.size()), grain_for(per_item * r * n),
                    [&](int64_t b, int64_t e) { kt.shrink(a, b, e); });
 }
 
@@ -152,7 +276,7 @@ Tensor transpose_last2(const Tensor& src) {
   AT_DISPATCH_FLOATING_TYPES(src.scalar_type(), "moelora_transpose", [&] {
     const scalar_t* in = src.data_ptr<scalar_t>();
     scalar_t* out = dst.data_ptr<scalar_t>();
-    at::parallel_for(0, E * ab * bb, 16, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, E * ab * bb, grain_for(kBlock * kBlock), [&](int64_t begin, int64_t end) {
       for (int64_t it = begin; it < end; ++it) {
         const int64_t e = it / (ab * bb), i0 = (it / bb) % ab * kBlock, j0 = it % bb * kBlock;
         const scalar_t* s_e = in + e * a * b;
@@ -174,7 +298,7 @@ Tensor pack_panels(const Tensor& src, int64_t E, int64_t r, int64_t n, int64_t s
   AT_DISPATCH_FLOATING_TYPES(src.scalar_type(), "moelora_pack_panels", [&] {
     const scalar_t* in = src.data_ptr<scalar_t>();
     scalar_t* out = dst.data_ptr<scalar_t>();
-    at::parallel_for(0, nb * E, 4, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, nb * E, grain_for(r * cpu::kPanel), [&](int64_t begin, int64_t end) {
       for (int64_t it = begin; it < end; ++it) {
         const int64_t cb = it / E, e = it % E, c0 = cb * cpu::kPanel;
         const int64_t valid = std::min<int64_t>(cpu::kPanel, n - c0);
@@ -208,7 +332,8 @@ void run_expand(const cpu::KernelTable& kt, const Tensor& panels, const Tensor& 
   cpu::ExpandArgs a{dtype_of(panels), dtype_of(Y), panels.data_ptr(), Z.data_ptr(),
                     idx.data_ptr<int64_t>(), Y.data_ptr(), T, E, r, n, k,
                     kExpandTokens, kExpandCols, token_blocks};
-  at::parallel_for(0, items, 1, [&](int64_t b, int64_t e) { kt.expand(a, b, e); });
+  const int64_t macs = std::min(T, kExpandTokens) * k * r * std::min(n, kExpandCols);
+  at::parallel_for(0, items, grain_for(macs), [&](int64_t b, int64_t e) { kt.expand(a, b, e); });
 }
 
 // G_e = sum over slots of e of Z[slot] X_t^T: G [E, r, n] (acc), written in full.
@@ -219,7 +344,8 @@ Tensor run_outer(const cpu::KernelTable& kt, const Tensor& Z, const Tensor& X, c
   cpu::OuterArgs a{dtype_of(G), dtype_of(X), Z.data_ptr(), X.data_ptr(), G.data_ptr(),
                    rt.order.data(), rt.offsets.data(), E, r, n, k, kOuterCols};
   const int64_t items = ceil_div(n, kOuterCols) * E;
-  at::parallel_for(0, items, 1, [&](int64_t b, int64_t e) { kt.outer(a, b, e); });
+  const int64_t macs = ceil_div(static_cast<int64_t>(rt.order.size()), E) * r * std::min(n, kOuterCols);
+  at::parallel_for(0, items, grain_for(macs), [&](int64_t b, int64_t e) { kt.outer(a, b, e); });
   return G;
 }
 
@@ -229,6 +355,89 @@ void check_cpu(const Tensor& x, const Tensor& weight, const std::optional<Tensor
     TORCH_CHECK(t->device().is_cpu(), "moelora.cpu ops take CPU tensors, got ", t->device());
   TORCH_CHECK(!bias.has_value() || bias->device().is_cpu(), "moelora.cpu: bias must be on the CPU");
   check_contract(x, weight, bias, lora_a, lora_b, idx, gates);
+}
+
+// ---------------------------------------------------------------------------------------------
+// the adapters in the kernels' layouts (cached, see AdapterCache)
+// ---------------------------------------------------------------------------------------------
+// A [E, r, d_in] in the accumulate dtype, row-major: the forward shrink's operand.
+Tensor adapter_acc(const Tensor& lora_a, at::ScalarType acc) {
+  if (lora_a.scalar_type() == acc && lora_a.is_contiguous()) return lora_a;
+  return adapter_cache().get(lora_a, Layout::acc, acc, [&] { return lora_a.to(acc).contiguous(); });
+}
+
+// B_e as [r, d_out] column panels (element (i, c) at B[e][c][i]): the forward expand's operand.
+Tensor b_panels(const Tensor& lora_b, at::ScalarType acc) {
+  return adapter_cache().get(lora_b, Layout::panels_b, acc, [&] {
+    const Tensor B = lora_b.to(acc).contiguous();
+    const int64_t E = B.size(0), d_out = B.size(1), r = B.size(2);
+    return pack_panels(B, E, r, d_out, d_out * r, 1, r);
+  });
+}
+
+// B^T [E, r, d_out]: the backward shrink's operand (u = B_e^T dy).
+Tensor b_transposed(const Tensor& lora_b, at::ScalarType acc) {
+  return adapter_cache().get(lora_b, Layout::transposed, acc,
+                             [&] { return transpose_last2(lora_b.to(acc).contiguous()); });
+}
+
+// A_e as [r, d_in] column panels: the backward expand's operand (dx += A_e^T s g u).
+Tensor a_panels(const Tensor& lora_a, at::ScalarType acc) {
+  return adapter_cache().get(lora_a, Layout::panels_a, acc, [&] {
+    const Tensor A = lora_a.to(acc).contiguous();
+    const int64_t E = A.size(0), r = A.size(1), d_in = A.size(2);
+    return pack_panels(A, E, r, d_in, r * d_in, d_in, 1);
+  });
+}
+
+// Where the adapters cannot be cached (inference tensors, cache off) and few experts are used
+// (decode: T * k slots of E), only the used experts are laid out: `local_idx` maps the call's
+// expert ids to rows of the packed subset, `used` lists them.
+struct UsedExperts {
+  std::vector<int64_t> used;
+  Tensor local_idx;  // [T, k] ids into `used`, -1 kept
+};
+
+UsedExperts used_experts(const Tensor& idx, int64_t E) {
+  UsedExperts u;
+  const int64_t n = idx.numel();
+  const int64_t* p = idx.data_ptr<int64_t>();
+  std::vector<int64_t> slot(E, -1);
+  u.local_idx = at::empty(idx.sizes(), idx.options());
+  int64_t* q = u.local_idx.data_ptr<int64_t>();
+  for (int64_t s = 0; s < n; ++s) {
+    const int64_t e = p[s];
+    TORCH_CHECK(e >= -1 && e < E, "moelora: expert_indices must lie in [-1, ", E, "), got ", e);
+    if (e < 0) { q[s] = -1; continue; }
+    if (slot[e] < 0) {
+      slot[e] = static_cast<int64_t>(u.used.size());
+      u.used.push_back(e);
+    }
+    q[s] = slot[e];
+  }
+  return u;
+}
+
+bool cacheable(const Tensor& t) {
+  return AdapterCache::enabled() && !t.is_inference() && t.has_storage();
+}
+
+// z = s g h for every slot, and h = 0 for unrouted ones (the shrink leaves them unwritten).
+void scale_slots(Tensor& h, const Tensor& gates, const Tensor& idx, double scaling, Tensor& z) {
+  const int64_t n = idx.numel(), r = h.size(2);
+  const int64_t* ip = idx.data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "moelora_scale_slots", [&] {
+    scalar_t* hp = h.data_ptr<scalar_t>();
+    scalar_t* zp = z.data_ptr<scalar_t>();
+    const scalar_t* gp = gates.data_ptr<scalar_t>();
+    for (int64_t s = 0; s < n; ++s) {
+      const scalar_t c = gp[s] * static_cast<scalar_t>(scaling);
+      for (int64_t i = 0; i < r; ++i) {
+        if (ip[s] < 0) hp[s * r + i] = 0;
+        zp[s * r + i] = c * hp[s * r + i];
+      }
+    }
+  });
 }
 
 }  // namespace
@@ -243,6 +452,10 @@ std::string set_cpu_isa(const std::string& name) {
 
 std::string compiled_cpu_isas() { return cpu::compiled_isas(); }
 
+void clear_cpu_cache() { adapter_cache().clear(); }
+
+std::vector<int64_t> cpu_cache_stats() { return adapter_cache().stats(); }
+
 std::tuple<Tensor, Tensor> cpu_forward(const Tensor& x, const Tensor& weight,
                                        const std::optional<Tensor>& bias, const Tensor& lora_a,
                                        const Tensor& lora_b, const Tensor& expert_indices,
@@ -252,22 +465,38 @@ std::tuple<Tensor, Tensor> cpu_forward(const Tensor& x, const Tensor& weight,
   const int64_t k = expert_indices.size(1);
   const at::ScalarType acc = expert_weights.scalar_type();
   const Tensor idx = expert_indices.contiguous();
-  const Routing rt = sort_slots(idx, E);
   const cpu::KernelTable& kt = cpu::kernel_table(active_isa());
 
   Tensor y = at::linear(x, weight, bias);  // [T, d_out], x.dtype
-  Tensor h = at::zeros({T, k, r}, expert_weights.options());
-  if (rt.order.empty()) return {y, h};
+  Tensor h = at::empty({T, k, r}, expert_weights.options());
+
+  // Adapters: cached layouts, or (uncacheable, few experts used) only the used experts' rows.
+  const bool use_subset = !(cacheable(lora_a) && cacheable(lora_b)) && T * k < E;
+  const UsedExperts ue = use_subset ? used_experts(idx, E) : UsedExperts{};
+  Tensor A, P;
+  Tensor kidx = idx;  // the ids the kernels see
+  int64_t Ek = E;
+  if (use_subset) {
+    const Tensor sel = at::tensor(ue.used, idx.options());
+    A = lora_a.index_select(0, sel).to(acc).contiguous();
+    const Tensor B = lora_b.index_select(0, sel).to(acc).contiguous();
+    Ek = B.size(0);
+    const int64_t d_out = B.size(1);
+    P = pack_panels(B, Ek, r, d_out, d_out * r, 1, r);
+    kidx = ue.local_idx;
+  } else {
+    A = adapter_acc(lora_a, acc);
+  }
+  const Routing rt = sort_slots(kidx, Ek);  // also checks the ids' range
+  if (rt.order.empty()) return {y, h.zero_()};
+  if (!use_subset) P = b_panels(lora_b, acc);
 
   const Tensor xk = token_operand(x, acc);
-  const Tensor A = lora_a.to(acc).contiguous();  // [E, r, d_in]
-  const Tensor B = lora_b.to(acc).contiguous();  // [E, d_out, r]
   run_shrink(kt, A, xk, rt, k, h);
-  const Tensor z = h * (expert_weights.contiguous() * scaling).unsqueeze(-1);  // s g h
+  Tensor z = at::empty_like(h);
+  scale_slots(h, expert_weights.contiguous(), kidx, scaling, z);  // s g h
   Tensor yk = token_operand(y, acc);
-  const int64_t d_out = B.size(1);
-  // B_e as [r, d_out]: element (i, c) at B[e][c][i]
-  run_expand(kt, pack_panels(B, E, r, d_out, d_out * r, 1, r), z, idx, yk);
+  run_expand(kt, P, z, kidx, yk);
   if (!yk.is_same(y)) y = yk.to(x.scalar_type());
   return {y, h};
 }
@@ -291,16 +520,38 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> cpu_backward(
   const Tensor dy = grad_out.contiguous();
   const Tensor dyk = token_operand(dy, acc);
   const Tensor xk = token_operand(x, acc);
-  const Tensor A = lora_a.to(acc).contiguous();                     // [E, r, d_in]
-  const Tensor Bt = transpose_last2(lora_b.to(acc).contiguous());    // [E, r, d_out]
   const Tensor hk = h.to(acc).contiguous();
 
-  Tensor u = at::zeros({T, k, r}, expert_weights.options());  // B_e^T dy_t
-  run_shrink(kt, Bt, dyk, rt, k, u);
-  const Tensor coef = (expert_weights.contiguous() * scaling).unsqueeze(-1);
-  Tensor grad_gates = (u * hk).sum(-1).mul_(scaling);
-  const Tensor zh = hk * coef;  // s g h
-  const Tensor zu = u * coef;   // s g u
+  Tensor u = at::empty({T, k, r}, expert_weights.options());  // B_e^T dy_t
+  if (!rt.order.empty()) run_shrink(kt, b_transposed(lora_b, acc), dyk, rt, k, u);
+  // One pass over the slots: u = 0 where unrouted, the gate gradient s <u, h>, s g h, s g u.
+  Tensor grad_gates = at::empty({T, k}, expert_weights.options());
+  Tensor zh = at::empty_like(u), zu = at::empty_like(u);
+  {
+    const int64_t n = T * k;
+    const int64_t* ip = idx.data_ptr<int64_t>();
+    const Tensor g = expert_weights.contiguous();
+    AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "moelora_bwd_slots", [&] {
+      scalar_t* up = u.data_ptr<scalar_t>();
+      const scalar_t* hp = hk.data_ptr<scalar_t>();
+      const scalar_t* gp = g.data_ptr<scalar_t>();
+      scalar_t* dgp = grad_gates.data_ptr<scalar_t>();
+      scalar_t* zhp = zh.data_ptr<scalar_t>();
+      scalar_t* zup = zu.data_ptr<scalar_t>();
+      const scalar_t s = static_cast<scalar_t>(scaling);
+      for (int64_t t = 0; t < n; ++t) {
+        const scalar_t c = gp[t] * s;
+        scalar_t dot = 0;
+        for (int64_t i = 0; i < r; ++i) {
+          if (ip[t] < 0) up[t * r + i] = 0;
+          dot += up[t * r + i] * hp[t * r + i];
+          zhp[t * r + i] = c * hp[t * r + i];
+          zup[t * r + i] = c * up[t * r + i];
+        }
+        dgp[t] = dot * s;
+      }
+    });
+  }
 
   Tensor grad_a = at::empty({0}, lora_a.options()), grad_b = at::empty({0}, lora_b.options());
   if (compute_grad_adapters) {
@@ -315,7 +566,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> cpu_backward(
     grad_x = at::mm(dy.to(weight.scalar_type()), weight);  // [T, d_in], x.dtype
     if (!rt.order.empty()) {
       Tensor dxk = token_operand(grad_x, acc);
-      run_expand(kt, pack_panels(A, E, r, d_in, r * d_in, d_in, 1), zu, idx, dxk);
+      run_expand(kt, a_panels(lora_a, acc), zu, idx, dxk);
       if (!dxk.is_same(grad_x)) grad_x = dxk.to(x.scalar_type());
     }
   } else {
