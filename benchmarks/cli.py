@@ -6,7 +6,8 @@
     python -m benchmarks --cases 'decode*,cpu' --modes forward --backends torch
     python -m benchmarks --quick --out /tmp/b     tiny shapes: a smoke test
 
-Progress goes to stderr, the markdown table to stdout, files to --out (see report.py).
+Progress goes to stderr, the markdown table to stdout, files to --out (default: a folder in the
+temp directory) or, with --record, to the tracked benchmarks/results/ (see report.py).
 Exit status 1 when a contestant was WRONG or raised an error; 130 when SIGINT cut the run short
 (the files are still written, with the cases that finished).
 """
@@ -48,7 +49,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--contestants", help="contestant name patterns to keep, e.g. 'naive*,moelora:*' (the floor always stays)")
     p.add_argument("--modes", help=f"comma-separated, among {', '.join(MODES)} (default: each case's own)")
     p.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda when there is one)")
-    p.add_argument("--out", type=Path, help="output folder (default: benchmarks/results)")
+    p.add_argument("--out", type=Path, help="output folder (default: $MOELORA_BENCH_OUT, else "
+                   "moelora-benchmarks in the temp folder; never the source tree unless --record)")
+    p.add_argument("--record", action="store_true", help="write into the tracked benchmarks/results/ "
+                   "(the committed record); without it the tree is left untouched")
     p.add_argument("--passes", type=int, help="passes over the whole suite, merged by median (default: 2, "
                    "docs/perf.md's 'run each case twice'; 1 with --quick)")
     p.add_argument("--quick", action="store_true", help="tiny shapes and short timings, for smoke tests")
@@ -114,13 +118,19 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cpu" and not backends:
         log("triton is not benchmarked on CPU (interpreter only); ask with --backends triton,cpu,torch")
     load_before = report.load_average()
+    busy = report.busy_host(load_before)
+    if busy:
+        log(busy)
     rows = harness.run_suite(cases, dtypes, settings, log)
     interrupted = getattr(rows, "interrupted", False)
     command = shlex.join(["python", "-m", "benchmarks", *(sys.argv[1:] if argv is None else argv)])
     rec = report.record(rows, cases, settings, command, (load_before, report.load_average()))
     rec["interrupted"] = interrupted
     print(report.markdown_table(rec["rows"]))
-    written, no_plot = report.write(rec, args.out or report.RESULTS_DIR)
+    if args.record and args.out:
+        log("--record writes into benchmarks/results; --out ignored")
+    out = report.RESULTS_DIR if args.record else (args.out or report.DEFAULT_OUT)
+    written, no_plot = report.write(rec, out)
     if no_plot:
         log(no_plot)
     log(f"done in {time.perf_counter() - start:.0f} s; wrote {', '.join(str(p) for p in written)}")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import platform
 import re
 import subprocess
@@ -29,6 +30,19 @@ from benchmarks.harness import Row, Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+# Where a run writes unless asked to --record into the tracked RESULTS_DIR: outside the tree,
+# so running the benchmark never dirties a checkout.
+DEFAULT_OUT = Path(os.environ.get("MOELORA_BENCH_OUT") or Path(tempfile.gettempdir()) / "moelora-benchmarks")
+
+
+def busy_host(load: float | None, cores: int | None = None) -> str | None:
+    """A warning when other work holds the CPU (load average above half the cores): every CPU
+    timing, and the launch overhead of GPU ones, is then skewed."""
+    cores = cores or os.cpu_count() or 1
+    if load is None or load <= 0.5 * cores:
+        return None
+    return (f"warning: the host is busy (load average {load:.1f} on {cores} cores): timings are "
+            f"skewed; rerun on a quiet machine before trusting them")
 
 
 def _version(package: str) -> str | None:
@@ -170,11 +184,11 @@ def _spread(row: dict) -> str:
 
 def markdown_table(rows: list[dict]) -> str:
     """case, contestant, mode, median (ms, ± its noise) or peak (MiB), ratio over base,
-    speed-up over the naive loop, status (with its reason)."""
+    speed-up over the naive loop, status (with its reason), verdict against the case's target."""
     several_dtypes = len({r["dtype"] for r in rows}) > 1
     lines = [
-        "| case | contestant | mode | median / peak | x base | speed-up vs naive | status |",
-        "|---|---|---|---:|---:|---:|---|",
+        "| case | contestant | mode | median / peak | x base | speed-up vs naive | status | target |",
+        "|---|---|---|---:|---:|---:|---|---|",
     ]
     for r in rows:
         case = f"{r['case']} ({r['dtype']})" if several_dtypes else r["case"]
@@ -191,7 +205,8 @@ def markdown_table(rows: list[dict]) -> str:
             status += " [CUDA graph]"
         lines.append(
             f"| {case} | {r['contestant']} | {r['mode']} | {value} | {_num(r['ratio_over_base'], '.2f')} "
-            f"| {_num(r['speedup_over_naive'], '.2f')} | {status.replace('|', '/')} |"
+            f"| {_num(r['speedup_over_naive'], '.2f')} | {status.replace('|', '/')} "
+            f"| {str(r.get('verdict', 'n.a.')).replace('|', '/')} |"
         )
     return "\n".join(lines)
 

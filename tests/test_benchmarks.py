@@ -158,3 +158,28 @@ def test_passes_merge_by_median_and_keep_failures():
     assert merged["x"].median_ms == 13.5
     assert merged["x"].ratio_over_base == pytest.approx(1.15)  # the passes' own ratios, not 13.5 / 12
     assert merged["y"].status == "error" and merged["y"].reason == "in pass 2 of 2: boom"
+
+
+def test_default_run_writes_outside_the_tree_with_a_verdict_column(tmp_path, monkeypatch, capsys):
+    """Without --record the run leaves benchmarks/results (tracked) untouched and writes to the
+    default folder; the printed table has the target verdict per row."""
+    from benchmarks import report
+
+    results = {p: p.stat().st_mtime_ns for p in report.RESULTS_DIR.iterdir()}
+    monkeypatch.setattr(report, "DEFAULT_OUT", tmp_path / "default-out")
+    rc = cli.main(["--quick", "--device", "cpu", "--cases", "decode-T1", "--contestants", NO_COMPILE])
+    assert rc == 0
+    assert (tmp_path / "default-out" / "latest-cpu.json").exists()
+    assert {p: p.stat().st_mtime_ns for p in report.RESULTS_DIR.iterdir()} == results
+    table = capsys.readouterr().out
+    assert "| target |" in table
+    rows = [line for line in table.splitlines() if "| moelora:" in line]
+    assert rows and all(line.rstrip().endswith(("met |", "n.a. |", ") |")) for line in rows), rows
+
+
+def test_busy_host_warning():
+    from benchmarks import report
+
+    assert report.busy_host(0.4, cores=2) is None
+    assert report.busy_host(None, cores=2) is None
+    assert "busy" in report.busy_host(3.0, cores=2)
