@@ -263,8 +263,9 @@ def render_markdown(rec: dict, image: str | None, level: int = 1) -> str:
 # plot
 # --------------------------------------------------------------------------------------------
 def plot(rec: dict, path: Path) -> str | None:
-    """Ratio over the base linear along each sweep, one line per contestant. Returns why there
-    is no plot, or None once written."""
+    """Ratio over the base linear along each sweep, one line per contestant, error bars from
+    the contestant's spread (interquartile range relative to its median), the shape held fixed
+    in each panel's title. Returns why there is no plot, or None once written."""
     try:
         import matplotlib
 
@@ -288,20 +289,23 @@ def plot(rec: dict, path: Path) -> str | None:
             if point[r["case"]][0] == axis and r["contestant"] not in floors:
                 label = r["contestant"] + (f" {r['mode']}" if several_modes else "")
                 label += f" ({r['dtype']})" if several_dtypes else ""
-                series[label].append((point[r["case"]][1], r["ratio_over_base"]))
+                spread = (r["iqr_ms"] / r["median_ms"]) if r.get("iqr_ms") and r.get("median_ms") else 0.0
+                series[label].append((point[r["case"]][1], r["ratio_over_base"], r["ratio_over_base"] * spread))
         for label, pts in sorted(series.items()):
-            xs, ys = zip(*sorted(pts))
-            ax.plot(xs, ys, marker="o", label=label)
+            xs, ys, errs = zip(*sorted(pts))
+            ax.errorbar(xs, ys, yerr=errs, marker="o", capsize=3, label=label)
         ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--", label="base linear")
         ax.set_xscale("log", base=2)
         values = sorted({v for a, v in point.values() if a == axis})
         ax.set_xticks(values, [str(v) for v in values])
         ax.set_yscale("log")
         ax.yaxis.set_major_formatter(FormatStrFormatter("%.1f"))
-        ax.yaxis.set_minor_formatter(FormatStrFormatter("%.1f"))
+        ratios = [y for pts in series.values() for _, y, _ in pts]
+        if ratios and max(ratios) / min(ratios) < 20:  # label minor ticks only where they don't crowd
+            ax.yaxis.set_minor_formatter(FormatStrFormatter("%.2f"))
         ax.set_xlabel(axis)
         ax.set_ylabel("time / base linear, same inputs (lower is better)")
-        ax.set_title(f"sweep over {axis}")
+        ax.set_title(f"sweep over {axis}" + _fixed_shape(rec, point, axis), fontsize=10)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
     dtypes = ", ".join(sorted({r["dtype"] for r in swept}))
@@ -310,6 +314,15 @@ def plot(rec: dict, path: Path) -> str | None:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return None
+
+
+def _fixed_shape(rec: dict, point: dict, axis: str) -> str:
+    """' (d_in=1024, E=8, ...)': the shape entries every case of the sweep shares."""
+    shapes = [c["shape"] for c in rec["cases"] if c["name"] in point and point[c["name"]][0] == axis]
+    if not shapes or not all(isinstance(sh, dict) for sh in shapes):
+        return ""
+    fixed = {k: v for k, v in shapes[0].items() if k != axis and all(sh.get(k) == v for sh in shapes)}
+    return " (" + ", ".join(f"{k}={v}" for k, v in fixed.items()) + ")" if fixed else ""
 
 
 # --------------------------------------------------------------------------------------------
