@@ -38,7 +38,9 @@ def make_routing(kind: str, T: int, E: int, k: int, device) -> tuple[torch.Tenso
 
     topk: distinct ids per row with ~20% of slots -1; dense: every expert (k = E) in a random
     order; tenant: one uniform id per token (k = 1 expected); duplicates: ids drawn with
-    replacement, -1 among them; none: every slot -1; skewed: nearly all slots on expert 0.
+    replacement, -1 among them; none: every slot -1; skewed: nearly all slots on expert 0;
+    zipf: ids drawn with probability ~ 1 / (rank + 1) (a realistic load imbalance), distinct per
+    row; same: every token routes to the same k experts.
     """
     if kind in ("topk", "dense"):
         ids = torch.stack([torch.randperm(E)[:k] for _ in range(T)]) if T else torch.zeros(0, k, dtype=torch.long)
@@ -52,6 +54,14 @@ def make_routing(kind: str, T: int, E: int, k: int, device) -> tuple[torch.Tenso
         ids = torch.full((T, k), -1)
     elif kind == "skewed":
         ids = torch.where(torch.rand(T, k) < 0.9, 0, torch.randint(0, E, (T, k)))
+    elif kind == "zipf":
+        weights = 1.0 / torch.arange(1, E + 1, dtype=torch.float64)
+        ids = (torch.multinomial(weights.expand(T, E), min(k, E)) if T
+               else torch.zeros(0, min(k, E), dtype=torch.long))
+        if k > E:
+            ids = torch.cat([ids, torch.full((T, k - E), -1)], dim=1)
+    elif kind == "same":
+        ids = torch.randperm(E)[:k].expand(T, k).clone() if k <= E else torch.randint(0, E, (T, k))
     else:
         raise ValueError(kind)
     gates = torch.rand(T, k, dtype=torch.float64) + 0.1
