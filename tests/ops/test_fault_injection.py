@@ -153,3 +153,41 @@ def test_non_triton_error_is_not_swallowed(broken_triton, monkeypatch):
     with pytest.raises(RuntimeError, match="a real bug"):
         moelora.molora_linear(**_inputs(), scaling=0.5, backend="auto")
     assert BACKENDS._failed == {}
+
+
+def _break_triton(monkeypatch, op_backends, method):
+    monkeypatch.setattr(op_backends, "_failed", {})
+    calls = []
+
+    def broken(*args):
+        calls.append(1)
+        raise _CompileFault("at 3:8: unsupported layout")
+
+    monkeypatch.setattr(op_backends.impl("triton"), method, broken)
+    return calls
+
+
+def test_delta_and_routing_fall_back_too(broken_triton, monkeypatch):
+    """The same rule in every op with a Triton backend whose call sits in the op's functional."""
+    from moelora.ops.molora_delta.op import BACKENDS as DELTA, molora_delta
+    from moelora.ops.routing.op import BACKENDS as ROUTE
+
+    p = _inputs()
+    del p["weight"], p["bias"]
+    delta_calls = _break_triton(monkeypatch, DELTA, "forward")
+    route_calls = _break_triton(monkeypatch, ROUTE, "topk_route")
+    logits = torch.randn(7, 4)
+    with warnings.catch_warnings(record=True) as records:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            torch.testing.assert_close(molora_delta(**p, scaling=0.5),
+                                       molora_delta(**p, scaling=0.5, backend="torch"),
+                                       rtol=0, atol=0)
+            for got, want in zip(moelora.topk_route(logits, 2), moelora.topk_route(logits, 2, backend="torch")):
+                torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert delta_calls == [1] and route_calls == [1]
+    assert _count(records, "molora_delta: backend 'triton' disabled") == 1
+    assert _count(records, "topk_route: backend 'triton' disabled") == 1
+    # Once auto has dropped it, asking for triton by name names the fault instead of retrying.
+    with pytest.raises(ValueError, match="backend 'triton' cannot run topk_route.*failed to compile"):
+        moelora.topk_route(logits, 2, backend="triton")
