@@ -11,12 +11,18 @@ where it can run. `resolve` maps what a caller asked for to one of them:
 The reason a backend is missing (triton not installed, the extension not built, the interpreter
 not enabled, float64 without a tensor-core path) is kept, logged once on the `moelora` logger
 at INFO with the choice made, and shown by `python -m moelora.env`.
+
+A Triton kernel that fails to compile at its first call is a fault `auto` recovers from: under
+backend="auto" the op calls `fall_back`, which marks triton unavailable for that op with the
+reason, warns once (warnings.warn and the `moelora` logger) and names the next backend to
+rerun the call on. A backend asked for by name re-raises: no silent switch.
 """
 from __future__ import annotations
 
 import importlib
 import logging
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -144,6 +150,7 @@ class OpDispatch:
         self.op = op
         self.backends = {b.name: b for b in backends}
         self._logged: set = set()
+        self._failed: dict = {}  # backend -> why it was dropped at run time (see fall_back)
 
     def impl(self, name: str):
         return self.backends[name].impl()
@@ -153,8 +160,12 @@ class OpDispatch:
         out = {}
         for name in BACKEND_NAMES[1:]:
             backend = self.backends.get(name)
-            out[name] = (f"{self.op} has no {name} backend" if backend is None
-                         else backend.unavailable(device, dtypes))
+            if backend is None:
+                out[name] = f"{self.op} has no {name} backend"
+            elif name in self._failed:
+                out[name] = self._failed[name]
+            else:
+                out[name] = backend.unavailable(device, dtypes)
         return out
 
     def available(self, device, dtypes: tuple = (torch.float32,)) -> list[str]:
@@ -171,6 +182,32 @@ class OpDispatch:
         if error is not None:
             raise ValueError(error)
         return resolved
+
+    def fall_back(self, requested: str, failed: str, exc: BaseException,
+                  device: torch.device, dtypes: tuple) -> str:
+        """Called from the op's ``except`` around its backend call: the backend to rerun the
+        call on, or ``exc`` re-raised. Only a Triton compile-time fault (an exception of
+        Triton's own, e.g. CompilationError) under backend="auto" falls back; any other error,
+        or an explicitly requested backend, propagates unchanged."""
+        if requested != "auto" or failed != "triton" or not _is_triton_error(exc):
+            raise exc
+        if failed not in self._failed:  # another thread may have got here first: warn once
+            self._warn_failed(failed, exc)
+        return self.resolve("auto", device, dtypes)
+
+    def _warn_failed(self, failed: str, exc: BaseException) -> None:
+        reason = f"its kernels failed to compile at first call ({type(exc).__name__}: {exc})"
+        self._failed[failed] = reason
+        message = (f"moelora: {self.op}: backend 'triton' disabled for this process, {reason}; "
+                   "falling back to the next backend")
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+        logger.warning(message)
+
+
+def _is_triton_error(exc: BaseException) -> bool:
+    """An exception class defined by Triton (CompilationError, OutOfResources, ...): a fault of
+    the compiler or the target, not a wrong input (those are ValueErrors raised before)."""
+    return any(cls.__module__.split(".")[0] == "triton" for cls in type(exc).__mro__)
 
 
 _REGISTRY: dict[str, OpDispatch] = {}

@@ -18,6 +18,8 @@ Run-time switches of the extension (build switches: see setup.py):
 from __future__ import annotations
 
 import functools
+import importlib
+import logging
 import os
 import warnings
 from typing import Callable, Optional
@@ -25,6 +27,8 @@ from typing import Callable, Optional
 import torch
 
 __all__ = ["load", "module", "has_kernel", "unavailable_reason", "register_fake"]
+
+logger = logging.getLogger("moelora")
 
 _FAKES: dict[str, Callable] = {}  # native op name -> fake implementation
 _load_error: Optional[str] = None
@@ -47,23 +51,32 @@ def _attach_fake(op: str, fake: Callable) -> None:
         pass
 
 
+def _import_native():
+    """Import `moelora._C` (its own function so tests can make it fail)."""
+    return importlib.import_module("moelora._C")
+
+
 @functools.lru_cache(maxsize=None)
 def load() -> bool:
-    """Import the compiled ops once; True when they are registered under torch.ops.moelora."""
+    """Import the compiled ops once; True when they are registered under torch.ops.moelora.
+
+    A missing or broken build (ImportError, OSError from the loader, an ABI mismatch ...) is
+    not fatal: one warning (warnings.warn and the `moelora` logger), and the `cpu` / `cuda`
+    backends report ``_load_error`` as why they are unavailable."""
     global _load_error
+    _load_error = None
     if os.environ.get("MOELORA_DISABLE_EXTENSION", "0") == "1":
         _load_error = "MOELORA_DISABLE_EXTENSION=1"
         return False
     try:
-        from moelora import _C  # noqa: F401  (importing registers the TORCH_LIBRARY ops)
+        _import_native()  # importing registers the TORCH_LIBRARY ops
     except Exception as exc:  # missing build, ABI mismatch, missing CUDA runtime ...
         _load_error = f"moelora._C did not load ({type(exc).__name__}: {exc})"
-        warnings.warn(
-            f"moelora: compiled extension not loaded ({type(exc).__name__}: {exc}); "
-            "the 'cpu' and 'cuda' backends are unavailable, falling back to triton/torch. "
-            "Set MOELORA_DISABLE_EXTENSION=1 to silence this.",
-            stacklevel=2,
-        )
+        message = (f"moelora: compiled extension not loaded ({type(exc).__name__}: {exc}); "
+                   "the 'cpu' and 'cuda' backends are unavailable, falling back to triton/torch. "
+                   "Set MOELORA_DISABLE_EXTENSION=1 to silence this.")
+        warnings.warn(message, RuntimeWarning, stacklevel=2)
+        logger.warning(message)
         return False
     for op, fake in _FAKES.items():
         _attach_fake(op, fake)
@@ -74,9 +87,7 @@ def module():
     """The loaded `moelora._C` module, or None."""
     if not load():
         return None
-    from moelora import _C
-
-    return _C
+    return _import_native()
 
 
 def has_kernel(op: str, dispatch_key: str) -> bool:

@@ -151,7 +151,8 @@ def molora_delta(
         expert_weights.
     """
     _validate(x, lora_a, lora_b, expert_indices, expert_weights, scaling)
-    backend = BACKENDS.resolve(backend, x.device, (x.dtype, lora_a.dtype))
+    requested, dtypes = backend, (x.dtype, lora_a.dtype)
+    backend = BACKENDS.resolve(backend, x.device, dtypes)
     # the same implementation under the same name: the core op's rule for who checks the ids
     linear_op._check_expert_range(expert_indices, lora_a.shape[0], backend)
     lead, d_in, d_out = x.shape[:-1], x.shape[-1], lora_b.shape[1]
@@ -161,10 +162,16 @@ def molora_delta(
     if x2.shape[0] == 0:  # nothing to route; the empty formula keeps x and the adapters in the graph
         return molora_delta_ref(x, lora_a.to(x.dtype), lora_b.to(x.dtype), expert_indices,
                                 expert_weights.to(x.dtype), scaling)
-    y, _, _ = torch.ops.moelora.molora_delta_fwd(
+    args = (
         x2.contiguous(), lora_a.contiguous(), lora_b.contiguous(),
         expert_indices.reshape(-1, k).to(torch.int64).contiguous(),
         expert_weights.reshape(-1, k).to(acc).contiguous(),
-        float(scaling), backend,
+        float(scaling),
     )
+    try:
+        y, _, _ = torch.ops.moelora.molora_delta_fwd(*args, backend)
+    except Exception as exc:  # a Triton compile fault under "auto": see dispatch.fall_back
+        backend = BACKENDS.fall_back(requested, backend, exc, x.device, dtypes)
+        linear_op._check_expert_range(expert_indices, lora_a.shape[0], backend)
+        y, _, _ = torch.ops.moelora.molora_delta_fwd(*args, backend)
     return y.reshape(*lead, d_out)

@@ -269,7 +269,8 @@ def molora_linear(
         expert_weights, and weight / bias when they require grad.
     """
     scaling = _validate(x, weight, bias, lora_a, lora_b, expert_indices, expert_weights, scaling)
-    backend = BACKENDS.resolve(backend, x.device, (x.dtype, lora_a.dtype))
+    requested, dtypes = backend, (x.dtype, lora_a.dtype)
+    backend = BACKENDS.resolve(backend, x.device, dtypes)
     _check_expert_range(expert_indices, lora_a.shape[0], backend)
     lead = x.shape[:-1]
     d_in = x.shape[-1]
@@ -281,7 +282,7 @@ def molora_linear(
         # adapters and gates: under DDP a rank with an empty batch must still produce them).
         # The torch backend serves it: every kernel of the others assumes at least one row.
         backend = "torch"
-    y, _, _ = torch.ops.moelora.molora_linear_fwd(
+    args = (
         x2.contiguous(),
         weight.contiguous(),
         None if bias is None else bias.contiguous(),
@@ -290,6 +291,13 @@ def molora_linear(
         expert_indices.reshape(-1, k).to(torch.int64).contiguous(),
         expert_weights.reshape(-1, k).to(accumulate_dtype(x.dtype, lora_a.dtype)).contiguous(),
         scaling,
-        backend,
     )
+    try:
+        y, _, _ = torch.ops.moelora.molora_linear_fwd(*args, backend)
+    except Exception as exc:
+        # A Triton compile fault under "auto" reruns on the next backend; anything else
+        # (and any explicitly requested backend) re-raises inside fall_back.
+        backend = BACKENDS.fall_back(requested, backend, exc, x.device, dtypes)
+        _check_expert_range(expert_indices, lora_a.shape[0], backend)
+        y, _, _ = torch.ops.moelora.molora_linear_fwd(*args, backend)
     return y.reshape(*lead, d_out)

@@ -126,11 +126,15 @@ def topk_route(
         raise ValueError(f"k must be an int with 1 <= k <= E' = {num_columns}, got {k!r}")
     if empty_expert and num_columns < 2:
         raise ValueError("empty_expert=True needs at least 2 logit columns (experts + the empty one)")
+    requested = backend
     backend = BACKENDS.resolve(backend, logits.device, (logits.dtype,))
     lead = logits.shape[:-1]
     if logits.numel() == 0:
         backend = "torch"  # no rows: nothing to launch
-    probs, indices, weights = torch.ops.moelora.topk_route(
-        logits.reshape(-1, num_columns).contiguous(), k, renormalize, empty_expert, backend
-    )
+    args = (logits.reshape(-1, num_columns).contiguous(), k, renormalize, empty_expert)
+    try:
+        probs, indices, weights = torch.ops.moelora.topk_route(*args, backend)
+    except Exception as exc:  # a Triton compile fault under "auto": see dispatch.fall_back
+        backend = BACKENDS.fall_back(requested, backend, exc, logits.device, (logits.dtype,))
+        probs, indices, weights = torch.ops.moelora.topk_route(*args, backend)
     return probs.reshape(*lead, num_columns), indices.reshape(*lead, k), weights.reshape(*lead, k)
