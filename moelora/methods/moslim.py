@@ -206,6 +206,10 @@ class MultiObjectiveRewardModel(nn.Module):
     """A backbone (anything returning hidden states: a transformers ``AutoModel``, or a module
     returning ``[batch, seq, d]``) plus a `MultiObjectiveRewardHead` on the last real token."""
 
+    # HF Trainer: the loss is a mean over labelled pairs, so Trainer scales it for gradient
+    # accumulation itself and must not pass num_items_in_batch (which the backbone won't take).
+    accepts_loss_kwargs = False
+
     def __init__(self, backbone: nn.Module, hidden_size: int, num_classes: Sequence[int], **head_kwargs):
         super().__init__()
         self.backbone = backbone
@@ -216,6 +220,7 @@ class MultiObjectiveRewardModel(nn.Module):
         """Fused logits ``[batch, sum C]``; with ``labels [batch, N]`` (a level per objective,
         negative = unlabelled: -1 or HF's -100), ``{"loss": masked CE, "logits": ...}``, which
         HF's Trainer trains directly (its collator passes the dataset's ``labels`` column)."""
+        kwargs.pop("num_items_in_batch", None)  # older Trainers pass it regardless
         hidden = backbone_hidden_states(self.backbone(input_ids=input_ids, attention_mask=attention_mask, **kwargs))
         logits = self.head(last_token_hidden(hidden, attention_mask))
         if labels is None:

@@ -248,3 +248,21 @@ def test_forward_with_labels_is_trainer_style():
         loss.backward()
         opt.step()
     assert loss.item() < 0.5 * first
+
+
+def test_hf_trainer_trains_the_reward_model(tmp_path):
+    """Trainer needs no subclass: forward(labels=...) gives the loss, and Trainer's
+    num_items_in_batch never reaches the backbone (which would reject it)."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = MultiObjectiveRewardModel(_Embed(256, 8), 8, [2, 3])
+    data = [{"input_ids": torch.randint(0, 256, (5,)), "attention_mask": torch.ones(5, dtype=torch.long),
+             "labels": torch.tensor([i % 2, -100 if i % 3 else 2])} for i in range(16)]
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=12, per_device_train_batch_size=8,
+                                          learning_rate=0.05, report_to=[], logging_steps=1, save_strategy="no",
+                                          use_cpu=True, disable_tqdm=True)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=data)
+    trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(losses) == 12 and all(math.isfinite(x) for x in losses)
+    assert losses[-1] < 0.7 * losses[0], losses
