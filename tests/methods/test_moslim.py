@@ -196,6 +196,9 @@ def test_reward_function_hand_computed():
     assert rewards == pytest.approx([1.0, -1.0, 0.0], abs=1e-5)
     assert isinstance(rewards, list) and all(isinstance(r, float) for r in rewards)
     torch.testing.assert_close(model.head.running_mean, torch.tensor([0.25, 0.5]))  # stats only read
+    # the way TRL's GRPOTrainer calls a reward function: keywords plus extras
+    assert f(prompts=prompts, completions=[" yes", "", "z"], completion_ids=[[1], [], [2]], trainer_state=None,
+             log_extra=print, log_metric=print) == pytest.approx([1.0, -1.0, 0.0], abs=1e-5)
     # conversational prompts / completions (TRL's chat format), chunked scoring
     chat = [[{"role": "user", "content": "[objectives: b=0] Q:"}]]
     g = moslim_reward_function(model, _CharTokenizer(), ["a", "b"], batch_size=1, name="rm")
