@@ -106,6 +106,7 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=40, help="training steps per adapter")
     parser.add_argument("--grid", type=int, default=4, help="simplex grid resolution (steps + 1 points)")
+    parser.add_argument("--lr", type=float, default=2e-2, help="Adam learning rate of the adapters")
     parser.add_argument("--mode", default="average_ab", choices=["average_ab", "delta_w"])
     parser.add_argument("--out", default=None, help="output folder (default: a new temp folder)")
     parser.add_argument("--smoke", action="store_true", help="fewer steps, coarser grid")
@@ -126,7 +127,7 @@ def main(argv=None) -> dict:
 
     adapters = []
     for i, (name, tokens) in enumerate(objectives.items()):
-        sd, scaling, history = train_adapter(model, train_ids, tokens, steps=args.steps, lr=5e-2,
+        sd, scaling, history = train_adapter(model, train_ids, tokens, steps=args.steps, lr=args.lr,
                                              r=4, alpha=8.0, seed=10 + i)
         adapters.append((sd, {"lora_alpha": scaling * 4, "r": 4}))
         print(f"adapter {name}: reward log p(S) {history[0]:.3f} -> {history[-1]:.3f} in {args.steps} steps")
