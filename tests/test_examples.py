@@ -71,3 +71,17 @@ def test_hoe_train_routers_smoke(tmp_path, capsys):
     assert front.scores[-1]["-KL(ft2)"] > front.scores[0]["-KL(ft2)"]
     assert all(str(tmp_path) in f for f in result["files"])
     assert "non-dominated" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("mode", ["average_ab", "delta_w"])
+def test_soups_pareto_smoke(mode, tmp_path, capsys):
+    result = _load("soups_pareto").main(["--smoke", "--mode", mode, "--out", str(tmp_path)])
+    front = result["front"]
+    assert [tuple(p) for p in front.preferences] == [(1.0, 0.0), (0.5, 0.5), (0.0, 1.0)]
+    assert front.front[0] and front.front[-1]  # each end is best at its own objective
+    # the ends of the sweep favour their own objective
+    assert front.scores[0]["favour_A"] > front.scores[-1]["favour_A"]
+    assert front.scores[-1]["favour_B"] > front.scores[0]["favour_B"]
+    assert all(str(tmp_path) in f for f in result["files"])
+    assert (tmp_path / "soups_front.json").exists() and (tmp_path / "soups_front.md").exists()
+    assert "non-dominated" in capsys.readouterr().out

@@ -27,7 +27,14 @@ from moelora.methods.moe_dpo import (
     SequenceGate,
     sequence_gates_to_routing,
 )
-from moelora.methods.moslim import MultiObjectiveRewardHead, MultiObjectiveRewardModel
+from moelora.methods.moslim import (
+    MultiObjectiveRewardHead,
+    MultiObjectiveRewardModel,
+    format_objectives,
+    moslim_reward_function,
+    objective_targets,
+    parse_objectives,
+)
 from moelora.methods.pmol import PMoLConfig, group_mass
 from moelora.methods.soups import SoupMerge, merge_adapters, serve_soups, soup_deltas
 
@@ -37,5 +44,6 @@ __all__ = [
     "RouterExpertTrainer", "tchebycheff_router_loss", "train_router_expert",
     "MoEDPOModel", "MoELoRADPOModel", "SequenceGate", "FixedMixture", "sequence_gates_to_routing",
     "SoupMerge", "merge_adapters", "serve_soups", "soup_deltas",
-    "MultiObjectiveRewardHead", "MultiObjectiveRewardModel",
+    "MultiObjectiveRewardHead", "MultiObjectiveRewardModel", "format_objectives", "parse_objectives",
+    "objective_targets", "moslim_reward_function",
 ]

@@ -11,10 +11,22 @@ for objectives M at levels target_i:
 
 with mu_i, sigma_i running statistics of p_i[target_i] (buffers, updated in training mode;
 shared by the replicas under torch.distributed).
+
+Prompt format. A prompt states the objectives it asks for and their levels with one tag,
+anywhere in its text (conventionally first):
+
+    [objectives: helpfulness=3, harmlessness=1]
+
+names ``[A-Za-z_][A-Za-z0-9_-]*``, levels non-negative integers (classes of that objective's
+head), entries separated by commas, spaces optional, each name at most once, at least one entry.
+`format_objectives` writes it, `parse_objectives` reads it back (ValueError on a missing,
+repeated or malformed tag). `moslim_reward_function` turns a reward model into a TRL GRPO
+``reward_funcs`` entry that parses this tag from each prompt.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+import re
+from typing import Callable, Mapping, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -23,7 +35,12 @@ from torch import Tensor
 from moelora.layers.pooling import backbone_hidden_states, last_token_hidden
 from moelora.ops.checks import check_range
 
-__all__ = ["MultiObjectiveRewardHead", "MultiObjectiveRewardModel"]
+__all__ = ["MultiObjectiveRewardHead", "MultiObjectiveRewardModel", "format_objectives", "parse_objectives",
+           "objective_targets", "moslim_reward_function"]
+
+_NAME = r"[A-Za-z_][A-Za-z0-9_-]*"
+_TAG = re.compile(r"\[objectives:([^\]]*)\]")
+_ENTRY = re.compile(rf"^\s*({_NAME})\s*=\s*([0-9]+)\s*$")
 
 
 def _distributed_world_size() -> int:
@@ -189,11 +206,134 @@ class MultiObjectiveRewardModel(nn.Module):
     """A backbone (anything returning hidden states: a transformers ``AutoModel``, or a module
     returning ``[batch, seq, d]``) plus a `MultiObjectiveRewardHead` on the last real token."""
 
+    # HF Trainer: the loss is a mean over labelled pairs, so Trainer scales it for gradient
+    # accumulation itself and must not pass num_items_in_batch (which the backbone won't take).
+    accepts_loss_kwargs = False
+
     def __init__(self, backbone: nn.Module, hidden_size: int, num_classes: Sequence[int], **head_kwargs):
         super().__init__()
         self.backbone = backbone
         self.head = MultiObjectiveRewardHead(hidden_size, num_classes, **head_kwargs)
 
-    def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None, **kwargs) -> Tensor:
+    def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None, labels: Optional[Tensor] = None,
+                **kwargs):
+        """Fused logits ``[batch, sum C]``; with ``labels [batch, N]`` (a level per objective,
+        negative = unlabelled: -1 or HF's -100), ``{"loss": masked CE, "logits": ...}``, which
+        HF's Trainer trains directly (its collator passes the dataset's ``labels`` column)."""
+        kwargs.pop("num_items_in_batch", None)  # older Trainers pass it regardless
         hidden = backbone_hidden_states(self.backbone(input_ids=input_ids, attention_mask=attention_mask, **kwargs))
-        return self.head(last_token_hidden(hidden, attention_mask))
+        logits = self.head(last_token_hidden(hidden, attention_mask))
+        if labels is None:
+            return logits
+        labels = labels.to(logits.device)
+        labels = torch.where(labels < 0, torch.full_like(labels, -1), labels)  # -100 (HF) and -1 both mean missing
+        return {"loss": self.head.loss(logits, labels), "logits": logits}
+
+
+def format_objectives(objectives: Mapping[str, int]) -> str:
+    """``{"helpfulness": 3, "harmlessness": 1}`` -> ``"[objectives: helpfulness=3, harmlessness=1]"``
+    (insertion order kept)."""
+    if not isinstance(objectives, Mapping) or not objectives:
+        raise ValueError(f"objectives must be a non-empty mapping name -> level, got {objectives!r}")
+    parts = []
+    for name, level in objectives.items():
+        if not isinstance(name, str) or re.fullmatch(_NAME, name) is None:
+            raise ValueError(f"objective name must match {_NAME}, got {name!r}")
+        if isinstance(level, bool) or not isinstance(level, int) or level < 0:
+            raise ValueError(f"level of {name!r} must be a non-negative int, got {level!r}")
+        parts.append(f"{name}={level}")
+    return "[objectives: " + ", ".join(parts) + "]"
+
+
+def parse_objectives(text: str) -> dict:
+    """The ``{name: level}`` of the one ``[objectives: ...]`` tag in ``text`` (see the module
+    docstring); ValueError if there is none, more than one, or it is malformed."""
+    if not isinstance(text, str):
+        raise TypeError(f"text must be a str, got {type(text).__name__}")
+    tags = _TAG.findall(text)
+    if len(tags) != 1:
+        raise ValueError(f"text must hold exactly one '[objectives: name=level, ...]' tag, found {len(tags)}: "
+                         f"{text[:80]!r}")
+    result = {}
+    for entry in tags[0].split(","):
+        match = _ENTRY.match(entry)
+        if match is None:
+            raise ValueError(f"malformed objectives entry {entry.strip()!r}: expected name=level "
+                             f"(name {_NAME}, level a non-negative integer)")
+        name, level = match[1], int(match[2])
+        if name in result:
+            raise ValueError(f"objective {name!r} requested twice")
+        result[name] = level
+    return result
+
+
+def objective_targets(prompts: Sequence[str], names: Sequence[str],
+                      num_classes: Optional[Sequence[int]] = None) -> Tensor:
+    """``targets [batch, N]`` (long) for the reward: the level each prompt's tag requests for
+    objective ``names[i]``, -1 where it requests none. Unknown names, and levels >= C_i when
+    ``num_classes`` is given, are ValueErrors."""
+    names = list(names)
+    targets = torch.full((len(prompts), len(names)), -1, dtype=torch.long)
+    for b, prompt in enumerate(prompts):
+        for name, level in parse_objectives(prompt).items():
+            if name not in names:
+                raise ValueError(f"prompt {b} requests unknown objective {name!r}; the model's objectives are {names}")
+            i = names.index(name)
+            if num_classes is not None and level >= num_classes[i]:
+                raise ValueError(f"prompt {b} requests {name}={level}, but {name} has {num_classes[i]} levels")
+            targets[b, i] = level
+    return targets
+
+
+def _as_text(item) -> str:
+    """A TRL prompt / completion: a string, or a conversation (list of {"role", "content"})."""
+    if isinstance(item, str):
+        return item
+    if isinstance(item, (list, tuple)) and all(isinstance(m, Mapping) and "content" in m for m in item):
+        return "\n".join(str(m["content"]) for m in item)
+    raise TypeError(f"prompts / completions must be strings or lists of messages, got {type(item).__name__}")
+
+
+def moslim_reward_function(model: "MultiObjectiveRewardModel", tokenizer, objective_names: Sequence[str], *,
+                           max_length: Optional[int] = None, batch_size: Optional[int] = None,
+                           update_stats: bool = False, name: str = "moslim_reward") -> Callable:
+    """A TRL GRPO ``reward_funcs`` entry: ``f(prompts, completions, **kwargs) -> list[float]``.
+
+    Each prompt's ``[objectives: ...]`` tag gives the targets (`objective_targets`); the reward
+    model scores ``prompt + completion`` (conversations: their contents joined by newlines) and
+    returns the MOSLIM scalar reward `MultiObjectiveRewardHead.reward`. ``tokenizer`` is called
+    HF-style (``tokenizer(texts, return_tensors="pt", padding=True, truncation=..., max_length=...)``);
+    left or right padding both work. The running statistics are read, not updated, unless
+    ``update_stats`` (they should come from the reward model's training or a calibration pass).
+    ``batch_size`` chunks the scoring (default: all at once). The function's ``__name__`` is
+    ``name`` (TRL logs rewards under it)."""
+    names = list(objective_names)
+    if len(names) != model.head.num_objectives:
+        raise ValueError(f"objective_names has {len(names)} names for {model.head.num_objectives} heads")
+
+    def reward(prompts, completions, **kwargs) -> list:
+        if len(prompts) != len(completions):
+            raise ValueError(f"got {len(prompts)} prompts for {len(completions)} completions")
+        prompt_texts = [_as_text(p) for p in prompts]
+        texts = [p + _as_text(c) for p, c in zip(prompt_texts, completions)]
+        targets = objective_targets(prompt_texts, names, model.head.num_classes)
+        device = next(model.parameters()).device
+        step = batch_size or max(len(texts), 1)
+        out = []
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                for start in range(0, len(texts), step):
+                    enc = tokenizer(texts[start:start + step], return_tensors="pt", padding=True,
+                                    truncation=max_length is not None, max_length=max_length)
+                    logits = model(input_ids=enc["input_ids"].to(device),
+                                   attention_mask=enc["attention_mask"].to(device))
+                    r = model.head.reward(logits, targets[start:start + step].to(device), update_stats=update_stats)
+                    out += r.float().tolist()
+        finally:
+            model.train(was_training)
+        return out
+
+    reward.__name__ = reward.__qualname__ = name
+    return reward
