@@ -56,3 +56,13 @@ def test_moe_dpo_variants_smoke(capsys):
         assert all(math.isfinite(x) for x in losses)
         assert losses[-1] < losses[0], (variant, losses)
     assert "independent: loss" in capsys.readouterr().out
+
+
+def test_trl_dpo_tiny_runs(capsys):
+    pytest.importorskip("trl")
+    pytest.importorskip("datasets")
+    result = _load("trl_dpo_tiny").main(["--steps", "3"])
+    logs = result["logs"]
+    assert len(logs) == 3 and all(math.isfinite(entry["loss"]) for entry in logs)
+    assert all(entry["aux/group"] > 0 for entry in logs)  # preference labels reached the group loss
+    assert "reward margin" in capsys.readouterr().out
