@@ -64,6 +64,14 @@ class AdaptersDisabledReference(nn.Module):
     def get_output_embeddings(self):
         return self.policy.get_output_embeddings()
 
+    def state_dict(self, *args, **kwargs):
+        # The reference's weights: the policy's minus its adapters. TRL hashes this to name its
+        # precompute_ref_log_probs cache; an empty state_dict would give every model one hash.
+        adapters = [f"{name}." if name else "" for name, _ in molora_layers(self.policy)]
+        return {key: value for key, value in self.policy.state_dict(*args, **kwargs).items()
+                if not any(key.startswith(prefix) and not key.startswith(prefix + "base_layer.")
+                           for prefix in adapters)}
+
     def __call__(self, *args, **kwargs):
         # Bypass nn.Module.__call__ and any forward TRL patched onto this wrapper: the policy's own
         # (already patched) forward is the one to run.
@@ -133,6 +141,10 @@ class MoLoRADPOTrainer(DPOTrainer):
         super()._set_signature_columns_if_needed()
         if self.preference_label_column not in self._signature_columns:
             self._signature_columns = list(self._signature_columns) + [self.preference_label_column]
+
+    def compute_ref_log_probs(self, model, inputs):
+        # evaluate() precomputes with the wrapped collator: the labels are not a model input
+        return super().compute_ref_log_probs(model, {k: v for k, v in inputs.items() if k != "preference_labels"})
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(inputs)

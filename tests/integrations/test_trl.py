@@ -24,7 +24,7 @@ def _example():
     return module
 
 
-def _trainer(tmp_path, dataset, steps=3, **kwargs):
+def _trainer(tmp_path, dataset, steps=3, config_kwargs=None, **kwargs):
     from trl import DPOConfig
 
     from moelora.integrations.trl_dpo import MoLoRADPOTrainer
@@ -38,7 +38,7 @@ def _trainer(tmp_path, dataset, steps=3, **kwargs):
     # adamw_torch: see the example (the fused CPU AdamW leaves the version counter alone)
     config = DPOConfig(output_dir=str(tmp_path), max_steps=steps, per_device_train_batch_size=4, learning_rate=1e-2,
                        beta=0.5, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, seed=0,
-                       disable_tqdm=True, optim="adamw_torch")
+                       disable_tqdm=True, optim="adamw_torch", **(config_kwargs or {}))
     trainer = MoLoRADPOTrainer(model, args=config, train_dataset=dataset, processing_class=tokenizer,
                                aux_weights=pmol, **kwargs)
     return trainer, model
@@ -114,3 +114,24 @@ def test_bad_arguments(tmp_path):
     trainer_kwargs = {"aux_weights": [0.1]}
     with pytest.raises(TypeError, match="aux_weights"):
         _trainer(tmp_path, ex.preference_pairs(4), **trainer_kwargs)
+
+
+def test_precomputed_reference(tmp_path):
+    from trl.trainer.utils import hash_module
+
+    from moelora.integrations.trl_dpo import AdaptersDisabledReference
+
+    ex = _example()
+    trainer, model = _trainer(tmp_path, ex.preference_pairs(8), steps=2,
+                              config_kwargs={"precompute_ref_log_probs": True})
+    assert "ref_chosen_logps" in trainer.train_dataset.column_names
+    trainer.train()
+    logs = _logged(trainer)
+    assert logs[0]["rewards/margins"] == 0 and logs[0]["aux/group"] > 0
+    # the precompute cache is named by the reference's weights: different bases, different names
+    other = ex.tiny_llama(len(ex.WORDS) + 3, seed=1)
+    inject(other, PMoLConfig(num_preferences=2, experts_per_preference=2, r=4, target_modules=["q_proj"]))
+    ref = AdaptersDisabledReference(model)
+    assert hash_module(ref) != hash_module(AdaptersDisabledReference(other))
+    assert not any(".lora_" in key or ".router." in key for key in ref.state_dict())
+    assert "model.layers.0.self_attn.q_proj.base_layer.weight" in ref.state_dict()
