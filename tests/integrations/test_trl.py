@@ -135,3 +135,14 @@ def test_precomputed_reference(tmp_path):
     assert hash_module(ref) != hash_module(AdaptersDisabledReference(other))
     assert not any(".lora_" in key or ".router." in key for key in ref.state_dict())
     assert "model.layers.0.self_attn.q_proj.base_layer.weight" in ref.state_dict()
+
+
+@pytest.mark.parametrize("precompute", [False, True])
+def test_evaluate(tmp_path, precompute):
+    ex = _example()
+    trainer, _ = _trainer(tmp_path, ex.preference_pairs(4), steps=1, eval_dataset=ex.preference_pairs(4, seed=1),
+                          config_kwargs={"precompute_ref_log_probs": precompute})
+    metrics = trainer.evaluate()
+    # fresh experts: policy == reference; an eval-mode forward records no routing, so no aux terms
+    assert metrics["eval_loss"] == pytest.approx(math.log(2), rel=1e-4)
+    assert not any(key.startswith("eval_aux/") for key in metrics)
