@@ -21,7 +21,7 @@ TRL is imported only by this module (``moelora.integrations`` imports it lazily)
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Optional
+from typing import Callable, Mapping
 
 import torch
 import torch.nn as nn
