@@ -85,3 +85,13 @@ def test_soups_pareto_smoke(mode, tmp_path, capsys):
     assert all(str(tmp_path) in f for f in result["files"])
     assert (tmp_path / "soups_front.json").exists() and (tmp_path / "soups_front.md").exists()
     assert "non-dominated" in capsys.readouterr().out
+
+
+def test_trl_dpo_tiny_runs(capsys):
+    pytest.importorskip("trl")
+    pytest.importorskip("datasets")
+    result = _load("trl_dpo_tiny").main(["--steps", "3"])
+    logs = result["logs"]
+    assert len(logs) == 3 and all(math.isfinite(entry["loss"]) for entry in logs)
+    assert all(entry["aux/group"] > 0 for entry in logs)  # preference labels reached the group loss
+    assert "reward margin" in capsys.readouterr().out

@@ -36,3 +36,13 @@ __all__ = [
     "LoraModule", "PeftLoraAdapter", "read_peft_adapter", "load_adapters_as_experts",
     "save_moelora", "load_moelora", "MOELORA_ADAPTER_FILE",
 ]
+
+
+def __getattr__(name):
+    # trl is heavy and optional: import it only when the trainer is asked for (and keep it out of
+    # __all__, so that `import *` works without trl)
+    if name == "MoLoRADPOTrainer":
+        from moelora.integrations.trl_dpo import MoLoRADPOTrainer
+
+        return MoLoRADPOTrainer
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
