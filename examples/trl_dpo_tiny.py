@@ -87,11 +87,7 @@ def main(argv=None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         config = DPOConfig(output_dir=args.output_dir or tmp, max_steps=args.steps, per_device_train_batch_size=4,
                            learning_rate=args.lr, beta=0.5, logging_steps=1, save_strategy="no", report_to=[],
-                           use_cpu=True, seed=0, disable_tqdm=True,
-                           # not the default adamw_torch_fused: on CPU its in-place update does not
-                           # bump the parameters' version counter, which moelora's native CPU
-                           # backend keys its adapter-layout cache on (a stale forward)
-                           optim="adamw_torch")
+                           use_cpu=True, seed=0, disable_tqdm=True)
         trainer = MoLoRADPOTrainer(model, args=config, train_dataset=preference_pairs(args.pairs),
                                    processing_class=tokenizer, aux_weights=pmol)
         trainer.train()

@@ -20,6 +20,8 @@ def test_readme_has_snippets():
 def test_readme_snippets_run(tmp_path, monkeypatch):
     pytest.importorskip("transformers")
     pytest.importorskip("peft")
+    pytest.importorskip("trl")
+    pytest.importorskip("datasets")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("TMPDIR", str(tmp_path))  # tempfile.mkdtemp in the snippets
     import tempfile

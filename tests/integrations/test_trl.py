@@ -35,10 +35,10 @@ def _trainer(tmp_path, dataset, steps=3, config_kwargs=None, **kwargs):
     pmol = PMoLConfig(num_preferences=2, experts_per_preference=2, r=4, lora_alpha=8, top_k=2,
                       target_modules=["q_proj", "v_proj"], group_loss_weight=0.5)
     inject(model, pmol)
-    # adamw_torch: see the example (the fused CPU AdamW leaves the version counter alone)
+    # transformers' default optimizer (fused AdamW on CPU: no version-counter bump) on purpose
     config = DPOConfig(output_dir=str(tmp_path), max_steps=steps, per_device_train_batch_size=4, learning_rate=1e-2,
                        beta=0.5, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, seed=0,
-                       disable_tqdm=True, optim="adamw_torch", **(config_kwargs or {}))
+                       disable_tqdm=True, **(config_kwargs or {}))
     trainer = MoLoRADPOTrainer(model, args=config, train_dataset=dataset, processing_class=tokenizer,
                                aux_weights=pmol, **kwargs)
     return trainer, model

@@ -245,6 +245,26 @@ def test_cpu_cache_sees_in_place_updates(dtype):
     assert hits >= hits_before + 3 and misses > 0 and entries >= 1
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-adam", "adam"])
+def test_cpu_trainable_adapters_see_every_optimizer_step(fused):
+    """Fused optimizer steps (torch's fused Adam on CPU, HF Trainer's default) write parameters
+    without bumping their version counters: trainable adapters must never be served from the
+    layout cache, or training silently runs on the previous step's weights."""
+    torch.manual_seed(0)
+    x, w, b, a, bb, ids, g = (t if t is None or not t.is_floating_point() else t.float()
+                              for t in make_inputs(4, 24, 20, 3, 4, 2))
+    a, bb = a.clone().requires_grad_(), bb.clone().requires_grad_()
+    opt = torch.optim.Adam([a, bb], lr=0.1, fused=fused)
+    for step in range(3):
+        y = moelora.molora_linear(x, w, b, a, bb, ids, g, 0.5, backend="cpu")
+        y_ref = molora_linear_ref(x.double(), w.double(), b.double(), a.detach().double(),
+                                  bb.detach().double(), ids, g.double(), 0.5)
+        assert rel_error(y, y_ref) < 1e-5, step
+        opt.zero_grad()
+        y.square().sum().backward()
+        opt.step()
+
+
 def test_cpu_cache_new_tensor_same_values_layout_is_fresh():
     """A freed adapter's entry never serves another tensor, even at the same address."""
     x, w, b, a, bb, ids, g = (t if t is None or not t.is_floating_point() else t.float()

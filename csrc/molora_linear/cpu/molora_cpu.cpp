@@ -122,11 +122,13 @@ Routing sort_slots(const Tensor& idx, int64_t E) {
 // cost more than the LoRA work at small T (T=1: all E experts' B panels packed for the 2 used)
 // and converted bf16 adapters on every call. Layouts are cached, keyed on the adapter's storage
 // (held weakly: a freed adapter's entry can never match a new tensor at the same address), its
-// view (offset, sizes, strides, dtype) and its version counter, which every in-place write
-// through autograd-visible tensors bumps (optimizer steps, `with torch.no_grad(): w.add_()`),
-// so training steps see fresh weights. Writes through `.data` bypass version counters (as they
-// bypass autograd's own checks): MOELORA_CPU_ADAPTER_CACHE=0 turns the cache off, and
-// `moelora._C.clear_cpu_cache()` empties it. Inference tensors have no version counter: they
+// view (offset, sizes, strides, dtype) and its version counter, which in-place writes such as
+// `with torch.no_grad(): w.add_()` bump. Only adapters that do not require grad are cached
+// (frozen experts, serving): fused optimizer steps (torch's fused Adam/AdamW on CPU, HF
+// Trainer's default) update parameters without bumping their version counter, so a cached
+// trainable adapter would silently serve the previous step's weights. Writes through `.data`
+// bypass version counters too: MOELORA_CPU_ADAPTER_CACHE=0 turns the cache off, and
+// `moelora._C.clear_cpu_cache()` empties it. Uncached adapters (trainable, inference tensors)
 // are re-laid out per call (only the used experts at small T).
 enum class Layout : int { acc = 0, transposed = 1, panels_b = 2, panels_a = 3 };
 
@@ -143,10 +145,13 @@ struct CacheEntry {
 
 class AdapterCache {
  public:
+  static bool cacheable_tensor(const Tensor& t) {
+    return enabled() && !t.is_inference() && t.has_storage() && !t.requires_grad();
+  }
   // The cached layout of `src`, made by `make()` on a miss.
   template <typename Make>
   Tensor get(const Tensor& src, Layout layout, at::ScalarType acc, Make make) {
-    if (!enabled() || src.is_inference() || !src.has_storage()) return make();
+    if (!cacheable_tensor(src)) return make();
     const int64_t version = src._version();
     const void* id = src.storage().unsafeGetStorageImpl();
     {
@@ -418,9 +423,7 @@ UsedExperts used_experts(const Tensor& idx, int64_t E) {
   return u;
 }
 
-bool cacheable(const Tensor& t) {
-  return AdapterCache::enabled() && !t.is_inference() && t.has_storage();
-}
+bool cacheable(const Tensor& t) { return AdapterCache::cacheable_tensor(t); }
 
 // z = s g h for every slot, and h = 0 for unrouted ones (the shrink leaves them unwritten).
 void scale_slots(Tensor& h, const Tensor& gates, const Tensor& idx, double scaling, Tensor& z) {
