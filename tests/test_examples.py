@@ -95,3 +95,12 @@ def test_trl_dpo_tiny_runs(capsys):
     assert len(logs) == 3 and all(math.isfinite(entry["loss"]) for entry in logs)
     assert all(entry["aux/group"] > 0 for entry in logs)  # preference labels reached the group loss
     assert "reward margin" in capsys.readouterr().out
+
+
+def test_moslim_grpo_tiny_runs(capsys):
+    pytest.importorskip("trl")
+    pytest.importorskip("datasets")
+    result = _load("moslim_grpo_tiny").main(["--steps", "2", "--rm-steps", "10"])
+    assert len(result["rewards"]) == 2 and all(math.isfinite(r) for r in result["rewards"])
+    assert result["base_frozen"]  # GRPO moved only the experts and routers
+    assert "MOSLIM reward per step" in capsys.readouterr().out
