@@ -25,12 +25,10 @@ from typing import Optional, Sequence
 import torch
 import torch.nn as nn
 
+from moelora.integrations.export import soup_modules
 from moelora.integrations.peft_io import load_adapters_as_experts, read_peft_adapter
-from moelora.ops.dtypes import accumulate_dtype
 
 __all__ = ["SoupMerge", "soup_deltas", "merge_adapters", "serve_soups"]
-
-_MODES = ("average_ab", "delta_w")
 
 
 def _weights(weights, n: int) -> list[float]:
@@ -48,35 +46,12 @@ def soup_deltas(adapters: Sequence, weights: Optional[Sequence[float]] = None, m
 
     adapters: PEFT adapter folders, ``(state_dict, config)`` pairs or state dicts (with
     ``scaling``); weights: one per adapter (default uniform 1/N; not renormalised)."""
-    if mode not in _MODES:
-        raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
     loaded = [read_peft_adapter(a, scaling=scaling) for a in adapters]
     if not loaded:
         raise ValueError("merge_adapters needs at least one adapter")
-    w = _weights(weights, len(loaded))
-    names = []
-    for adapter in loaded:
-        names += [n for n in adapter.modules if n not in names]
-    deltas = {}
-    for name in names:
-        present = [(wi, a.modules[name]) for wi, a in zip(w, loaded) if name in a.modules]
-        acc = accumulate_dtype(*(d for _, m in present for d in (m.A.dtype, m.B.dtype)))
-        if mode == "delta_w":
-            deltas[name] = sum(wi * m.scaling * (m.B.to(acc) @ m.A.to(acc)) for wi, m in present)
-            continue
-        r = max(m.A.shape[0] for _, m in present)
-        d_out, d_in = present[0][1].B.shape[0], present[0][1].A.shape[1]
-        device = present[0][1].A.device  # (adapters may live on the GPU)
-        a_bar = torch.zeros(r, d_in, dtype=acc, device=device)
-        b_bar = torch.zeros(d_out, r, dtype=acc, device=device)
-        scalings = {m.scaling for _, m in present}
-        common = scalings.pop() if len(scalings) == 1 else None
-        for wi, m in present:
-            rank = m.A.shape[0]
-            a_bar[:rank] += wi * m.A.to(device, acc)
-            b_bar[:, :rank] += (wi if common is not None else wi * m.scaling) * m.B.to(device, acc)
-        deltas[name] = (1.0 if common is None else common) * (b_bar @ a_bar)
-    return deltas
+    # the soup's factors, as exported for serving engines: one computation for both
+    return {name: m.scaling * (m.B @ m.A) for name, m in
+            soup_modules(loaded, _weights(weights, len(loaded)), mode).items()}
 
 
 def _target_linear(model: nn.Module, name: str) -> nn.Linear:
