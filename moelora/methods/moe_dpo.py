@@ -153,9 +153,16 @@ class FixedMixture(nn.Module):
         return torch.log_softmax(self.logits.float(), dim=-1).expand(hidden.shape[0], -1)
 
 
-def _backbone_hidden(backbone: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-    """``backbone(input_ids, attention_mask=...)`` as ``[B, S, d]``, shape-checked."""
-    hidden = backbone_hidden_states(backbone(input_ids, attention_mask=attention_mask))
+def _backbone_hidden(backbone: nn.Module, input_ids: Tensor, attention_mask: Tensor,
+                     weights: Optional[dict] = None) -> Tensor:
+    """``backbone(input_ids, attention_mask=...)`` as ``[B, S, d]``, shape-checked; ``weights``
+    overrides some of the backbone's parameters for this call (``torch.func.functional_call``)."""
+    if weights is None:
+        out = backbone(input_ids, attention_mask=attention_mask)
+    else:
+        out = torch.func.functional_call(backbone, weights, (input_ids,),
+                                         {"attention_mask": attention_mask}, strict=False)
+    hidden = backbone_hidden_states(out)
     if hidden.shape[:2] != input_ids.shape:
         raise ValueError(
             f"the backbone returned hidden states of shape {tuple(hidden.shape)}, expected "
@@ -408,6 +415,13 @@ class MoELoRADPOModel(_MixtureDPOPolicy):
         beta, label_smoothing, objective: see ``moelora.losses.mixture_dpo_loss``.
         ignore_index: label id of tokens that are not scored (prompt, padding).
         backend: ``expert_logprobs`` backend.
+        reference_experts: each expert's own reference ``pi_ref(k)`` as a frozen LoRA set: None
+            (default: the base model, adapters disabled, is every expert's reference),
+            ``"snapshot"`` (the experts as they are now, e.g. after per-expert SFT, copied and
+            frozen), or a ``{parameter name: tensor}`` dict of the backbone's expert weights
+            (``...lora_A.weight`` / ``...lora_B.weight`` as in ``backbone.named_parameters()``).
+            The reference of expert k is then the backbone with expert k at those weights: one
+            more K-replicated pass, under no_grad; ``reference`` becomes ``[N, K]``.
 
     Labels and prompt masks follow ``MoEDPOModel``'s conventions. Trainable: the experts'
     A / B (and routers' parameters, none for fixed-gate routers) and the gate.
@@ -415,7 +429,7 @@ class MoELoRADPOModel(_MixtureDPOPolicy):
 
     def __init__(self, backbone: nn.Module, lm_head, gate: nn.Module, *, beta: float = 0.1,
                  label_smoothing: float = 0.0, objective: str = "em", ignore_index: int = -100,
-                 backend: str = "auto"):
+                 backend: str = "auto", reference_experts=None):
         super().__init__(beta=beta, label_smoothing=label_smoothing, objective=objective,
                          ignore_index=ignore_index, backend=backend)
         layers = list(molora_layers(backbone))
@@ -446,6 +460,45 @@ class MoELoRADPOModel(_MixtureDPOPolicy):
         else:
             self.lm_head = lm_head
             self.register_buffer("lm_head_weight", None)
+        self._reference_experts = self._frozen_expert_set(reference_experts)
+
+    def _frozen_expert_set(self, reference_experts) -> Optional[dict]:
+        """``{backbone parameter name: frozen tensor}`` of the experts' reference weights."""
+        if reference_experts is None:
+            return None
+        experts = {name: p for name, p in self.backbone.named_parameters()
+                   if ".lora_A." in name or ".lora_B." in name}
+        if isinstance(reference_experts, str):
+            if reference_experts != "snapshot":
+                raise ValueError(f"reference_experts must be None, 'snapshot' or a dict of expert "
+                                 f"weights, got {reference_experts!r}")
+            return {name: p.detach().clone() for name, p in experts.items()}
+        if not isinstance(reference_experts, dict):
+            raise TypeError(f"reference_experts must be None, 'snapshot' or a dict, got "
+                            f"{type(reference_experts).__name__}")
+        missing = sorted(set(experts) - set(reference_experts))
+        unknown = sorted(set(reference_experts) - set(experts))
+        if missing or unknown:
+            raise ValueError(f"reference_experts must name exactly the backbone's expert weights: "
+                             f"missing {missing[:3]}, unknown {unknown[:3]}")
+        for name, t in reference_experts.items():
+            if tuple(t.shape) != tuple(experts[name].shape):
+                raise ValueError(f"reference_experts[{name!r}] has shape {tuple(t.shape)}, expected "
+                                 f"{tuple(experts[name].shape)}")
+        return {name: t.detach().to(experts[name]) for name, t in reference_experts.items()}
+
+    def _expert_pass(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor,
+                     weights: Optional[dict] = None) -> Tensor:
+        """``[N, K]`` sequence log-probs of each expert alone: the N sequences replicated K times
+        (replica k -> expert k); ``weights`` overrides the experts' parameters (a reference)."""
+        N, K = input_ids.shape[0], self.num_experts
+        gates = torch.eye(K, device=input_ids.device).repeat_interleave(N, dim=0)  # [K * N, K]
+        with routing_inputs(self.backbone, gates=gates):
+            hidden = _backbone_hidden(self.backbone, input_ids.repeat(K, 1), attention_mask.repeat(K, 1),
+                                      weights)  # [K * N, S, d]
+        policy, _ = _score(hidden, self.head_weight.unsqueeze(0), labels.repeat(K, 1),
+                           ignore_index=self.ignore_index, backend=self.backend)  # [K * N, 1]
+        return policy.view(K, N).t()
 
     @classmethod
     def from_causal_lm(cls, model: nn.Module, gate: nn.Module, **kwargs) -> "MoELoRADPOModel":
@@ -472,11 +525,12 @@ class MoELoRADPOModel(_MixtureDPOPolicy):
         """-> ``(policy [N, K], reference [N] or None, log_weights [gate_rows or N, K])`` for
         ``input_ids``, ``attention_mask``, ``labels [N, S]``.
 
-        ``policy[:, k]`` is expert k's sequence log-prob, ``reference`` the base model's (None
-        with ``with_reference=False``: reference log-probs precomputed), ``log_weights`` the
-        gate's on the first ``gate_rows`` sequences.
+        ``policy[:, k]`` is expert k's sequence log-prob, ``reference`` the base model's ``[N]``
+        (or ``[N, K]``, each expert's own, with ``reference_experts``; None with
+        ``with_reference=False``: reference log-probs precomputed), ``log_weights`` the gate's on
+        the first ``gate_rows`` sequences.
         """
-        N, K = input_ids.shape[0], self.num_experts
+        N = input_ids.shape[0]
         rows = N if gate_rows is None else gate_rows
         head = self.head_weight.unsqueeze(0)  # [1, V, d]: one shared head
         base_rows = N if with_reference else rows
@@ -486,16 +540,12 @@ class MoELoRADPOModel(_MixtureDPOPolicy):
         reference = None
         if with_reference:
             with torch.no_grad():
-                reference = _score(base, head, labels, ignore_index=self.ignore_index,
-                                   backend=self.backend)[0][:, 0]
-        # replica k (rows k*N .. k*N + N - 1) -> expert k
-        gates = torch.eye(K, device=input_ids.device).repeat_interleave(N, dim=0)  # [K * N, K]
-        with routing_inputs(self.backbone, gates=gates):
-            hidden = _backbone_hidden(self.backbone, input_ids.repeat(K, 1),
-                                      attention_mask.repeat(K, 1))  # [K * N, S, d]
-        policy, _ = _score(hidden, head, labels.repeat(K, 1), ignore_index=self.ignore_index,
-                           backend=self.backend)  # [K * N, 1]
-        return policy.view(K, N).t(), reference, log_weights
+                if self._reference_experts is None:  # the base model is every expert's reference
+                    reference = _score(base, head, labels, ignore_index=self.ignore_index,
+                                       backend=self.backend)[0][:, 0]
+                else:  # expert k's own frozen LoRA set
+                    reference = self._expert_pass(input_ids, attention_mask, labels, self._reference_experts)
+        return self._expert_pass(input_ids, attention_mask, labels), reference, log_weights
 
 
 def _module_logps(module: nn.Module, input_ids: Tensor, attention_mask: Tensor, labels: Tensor,

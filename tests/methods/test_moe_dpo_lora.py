@@ -287,3 +287,40 @@ def test_example_with_lora_experts_learns(objective):
     assert summary["last_loss"] < 0.5 * summary["first_loss"], summary
     assert summary["initial_separation"] < 0.05, summary
     assert summary["separation"] > 0.5, summary
+
+
+def test_per_expert_frozen_lora_reference():
+    """reference_experts='snapshot': expert k's reference is expert k as it was (a frozen LoRA
+    set, e.g. per-expert SFT), not the base model; training the experts leaves it alone."""
+    model = _tiny_llama()
+    _perturb_experts(model)
+    policy = MoELoRADPOModel.from_causal_lm(model, SequenceGate(D, K), reference_experts="snapshot")
+    batch = _batched(*_pairs())
+    logps, ref, _ = policy.sequence_logprobs(*batch)
+    assert ref.shape == logps.shape == (6, K)
+    torch.testing.assert_close(ref, logps.detach(), rtol=0, atol=1e-6)  # unchanged experts: equal
+    base = MoELoRADPOModel.from_causal_lm(model, SequenceGate(D, K)).sequence_logprobs(*batch)[1]
+    assert (ref - base[:, None]).abs().max() > 1e-3  # not the base model's reference
+    _perturb_experts(model, seed=7)  # "training" moves the live experts
+    logps2, ref2, _ = policy.sequence_logprobs(*batch)
+    torch.testing.assert_close(ref2, ref, rtol=0, atol=1e-6)
+    assert (logps2 - ref2).abs().max() > 1e-3
+    out = policy(*_pairs()[0], *_pairs()[1])
+    out.loss.backward()
+    assert all(p.grad is None for n, p in model.named_parameters() if "lora" not in n)
+
+
+def test_reference_experts_dict_is_checked():
+    model = _tiny_llama()
+    names = [n for n, _ in model.base_model.named_parameters() if ".lora_A." in n or ".lora_B." in n]
+    with pytest.raises(ValueError, match="missing"):
+        MoELoRADPOModel.from_causal_lm(model, SequenceGate(D, K), reference_experts={})
+    with pytest.raises(ValueError, match="must be None, 'snapshot'"):
+        MoELoRADPOModel.from_causal_lm(model, SequenceGate(D, K), reference_experts="base")
+    weights = dict(model.base_model.named_parameters())
+    policy = MoELoRADPOModel.from_causal_lm(
+        model, SequenceGate(D, K), reference_experts={n: torch.zeros_like(weights[n]) for n in names})
+    batch = _batched(*_pairs())
+    ref = policy.sequence_logprobs(*batch)[1]
+    base = MoELoRADPOModel.from_causal_lm(model, SequenceGate(D, K)).sequence_logprobs(*batch)[1]
+    torch.testing.assert_close(ref, base[:, None].expand(-1, K), rtol=1e-6, atol=1e-5)  # zero experts = base
