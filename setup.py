@@ -37,7 +37,7 @@ VERSION = "0.1.0"  # as moelora.__version__
 BUILD_INFO = os.path.join("moelora", "_build_info.py")
 
 # csrc/README.md: how the sources are laid out and how to add a kernel.
-CPU_SOURCES = ["csrc/bindings.cpp", "csrc/molora_linear/schema.cpp",
+CPU_SOURCES = ["csrc/bindings.cpp", "csrc/molora_linear/schema.cpp", "csrc/molora_linear/autograd.cpp",
                "csrc/molora_linear/cpu/molora_cpu.cpp", "csrc/molora_linear/cpu/kernels.cpp"]
 CUDA_SOURCES = ["csrc/molora_linear/cuda/molora_cuda.cu"]
 HEADERS = ["csrc/molora_linear/molora_linear.h", "csrc/molora_linear/cpu/kernels.h",

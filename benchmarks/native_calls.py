@@ -42,14 +42,19 @@ def main(argv=None) -> None:
     p.add_argument("--dtype", choices=DTYPES, default="fp32")
     p.add_argument("--calls", type=int, default=20)
     p.add_argument("--backward", action="store_true", help="also call the native backward")
+    p.add_argument("--trainable", action="store_true",
+                   help="adapters that require grad (never cached: the training / benchmark case)")
     p.add_argument("--profile", action="store_true", help="print the profiler's op table")
     args = p.parse_args(argv)
     if not extension.load():
         raise SystemExit("moelora._C is not built (python setup.py build_ext --inplace)")
     x, w, a, b, idx, gates = make(args.T, args.d, args.E, args.r, args.k, DTYPES[args.dtype])
+    a.requires_grad_(args.trainable)
+    b.requires_grad_(args.trainable)
     fwd, bwd = torch.ops.moelora.molora_linear_native_fwd, torch.ops.moelora.molora_linear_native_bwd
     dy = torch.randn(args.T, args.d).to(x.dtype)
 
+    @torch.no_grad()
     def step():
         y, h = fwd(x, w, None, a, b, idx, gates, 2.0)
         if args.backward:

@@ -15,6 +15,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Instruction sets compiled into this build, comma-separated.");
   m.def("clear_cpu_cache", &moelora::clear_cpu_cache,
         "Empty the CPU kernels' cache of adapter layouts (keyed on storage + version counter).");
+  m.def("cpu_route", &moelora::cpu_route,
+        "The CPU backend's route: 'auto' (measured thresholds), 'dense' or 'routed'.");
+  m.def("set_cpu_route", &moelora::set_cpu_route, pybind11::arg("name"),
+        "Force the CPU backend's route ('auto', 'dense', 'routed'); returns the previous one.");
   m.def("cpu_cache_stats", &moelora::cpu_cache_stats,
         "The CPU adapter cache's [entries, bytes, hits, misses].");
 #ifdef MOELORA_WITH_CUDA

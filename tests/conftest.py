@@ -28,3 +28,14 @@ def pytest_collection_modifyitems(config, items):
 def _seed(request):
     # Fresh random inputs per test, but reproducible from the test id when one fails.
     torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
+
+
+@pytest.fixture(autouse=True)
+def _fresh_backend_choices():
+    # Tests monkeypatch what the availability probes see (extension missing, Triton broken);
+    # a process never changes it, so moelora memoises the choices: forget them per test.
+    from moelora.ops import dispatch
+
+    dispatch.clear_decisions()
+    yield
+    dispatch.clear_decisions()

@@ -87,6 +87,9 @@ std::string compiled_cpu_isas();
 // The CPU kernels' cache of adapter layouts (molora_cpu.cpp, AdapterCache): empty it; and its
 // [entries, bytes, hits, misses] since the process started.
 void clear_cpu_cache();
+// The CPU backend's route: "auto" (measured thresholds), "dense" or "routed" (tests, tuning).
+std::string cpu_route();
+std::string set_cpu_route(const std::string& name);
 std::vector<int64_t> cpu_cache_stats();
 
 }  // namespace moelora

@@ -17,4 +17,8 @@ TORCH_LIBRARY_FRAGMENT(moelora, m) {
       "molora_linear_native_bwd(Tensor grad_out, Tensor x, Tensor weight, Tensor lora_a, "
       "Tensor lora_b, Tensor expert_indices, Tensor expert_weights, Tensor h, float scaling, "
       "bool compute_grad_x, bool compute_grad_adapters) -> (Tensor, Tensor, Tensor, Tensor)");
+  // y alone, differentiable: the two ops above under a C++ autograd function (autograd.cpp)
+  m.def(
+      "molora_linear_native(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, "
+      "Tensor lora_b, Tensor expert_indices, Tensor expert_weights, float scaling) -> Tensor");
 }

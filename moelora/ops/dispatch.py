@@ -151,6 +151,12 @@ class OpDispatch:
         self.backends = {b.name: b for b in backends}
         self._logged: set = set()
         self._failed: dict = {}  # backend -> why it was dropped at run time (see fall_back)
+        # resolve()'s answers: availability probes cost ~20 us a call (dispatch-key lookups),
+        # and what they answer changes only with what the key holds (a fall_back adds to
+        # _failed; the interpreter switch and MOELORA_BACKEND are read from the environment).
+        # Availability itself is fixed once probed (the extension loads once, imports are
+        # tried once); clear_decisions() forgets for code that changes it (tests).
+        self._decisions: dict = {}
 
     def impl(self, name: str):
         return self.backends[name].impl()
@@ -213,6 +219,12 @@ def _is_triton_error(exc: BaseException) -> bool:
 _REGISTRY: dict[str, OpDispatch] = {}
 
 
+def clear_decisions() -> None:
+    """Forget every op's memoised backend choices (after changing what availability probes see)."""
+    for dispatch in _REGISTRY.values():
+        dispatch._decisions.clear()
+
+
 def register(dispatch: OpDispatch) -> OpDispatch:
     _REGISTRY[dispatch.op] = dispatch
     return dispatch
@@ -228,6 +240,15 @@ def registry() -> dict:
 @torch.compiler.assume_constant_result
 def _decide(op: str, name: str, preferred: str, device: torch.device, dtypes: tuple):
     dispatch = _REGISTRY[op]
+    key = (name, preferred, device, dtypes, interpreting(), AUTO_ORDER.get(device.type),
+           frozenset(dispatch._failed))
+    decided = dispatch._decisions.get(key)
+    if decided is None:
+        decided = dispatch._decisions[key] = _decide_uncached(dispatch, op, name, preferred, device, dtypes)
+    return decided
+
+
+def _decide_uncached(dispatch, op, name, preferred, device, dtypes):
     reasons = dispatch.reasons(device, dtypes)
     usable = [n for n, why in reasons.items() if why is None]
     if name != "auto":

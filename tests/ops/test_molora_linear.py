@@ -201,7 +201,9 @@ def test_frozen_adapters_skip_their_gradients(backend, monkeypatch):
     monkeypatch.setattr(impl, "backward", spy)
     check_against_reference(backend, _problem(17, 33, 21, 5, 3, 2, "topk"), torch.float32,
                             torch.float32, grad_names=("x", "expert_weights"))
-    assert flags == [False]
+    # The compiled backends' eager calls run their autograd in C++ (molora_linear_native),
+    # past this spy: tests/ops/test_native_backend.py checks their flag.
+    assert flags == ([] if backend in ("cpu", "cuda") else [False])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -42,6 +42,23 @@ def isa(request):
     _C.set_cpu_isa(previous)
 
 
+@pytest.fixture(params=["routed", "dense"])
+def route(request):
+    """Both routes of the CPU backend, forced (auto picks by measured thresholds): the routed
+    kernels and the dense rank-space GEMMs (fp32 / bf16 with a shared dtype; other dtypes
+    always take the routed kernels)."""
+    previous = _C.set_cpu_route(request.param)
+    yield request.param
+    _C.set_cpu_route(previous)
+
+
+@pytest.fixture
+def routed():
+    previous = _C.set_cpu_route("routed")
+    yield
+    _C.set_cpu_route(previous)
+
+
 def make_inputs(T, d_in, d_out, E, r, k, routing="topk", bias=True):
     """float64 master inputs, scaled so every term of y is O(1)."""
     x = torch.randn(T, d_in, dtype=torch.float64)
@@ -112,13 +129,13 @@ SHAPES = [
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64],
                          ids=str)
-def test_cpu_matches_reference(isa, shape, dtype):
+def test_cpu_matches_reference(isa, route, shape, dtype):
     check(*shape, dtype)
 
 
 @pytest.mark.parametrize("routing", ["duplicates", "none", "skewed"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_cpu_routings(isa, routing, dtype):
+def test_cpu_routings(isa, route, routing, dtype):
     check(19, 65, 63, 5, 3, 4, dtype, routing=routing)
 
 
@@ -128,20 +145,20 @@ def test_cpu_routings(isa, routing, dtype):
      (torch.float16, torch.float32), (torch.float32, torch.float64)],
     ids=str,
 )
-def test_cpu_mixed_dtypes(dtype, adapter_dtype):
+def test_cpu_mixed_dtypes(route, dtype, adapter_dtype):
     check(17, 63, 65, 5, 3, 2, dtype, adapter_dtype=adapter_dtype)
 
 
-def test_cpu_no_bias_no_grad_x():
+def test_cpu_no_bias_no_grad_x(route):
     check(17, 65, 63, 5, 3, 2, torch.float32, bias=False, need_x=False)
 
 
-def test_cpu_larger_shape():
+def test_cpu_larger_shape(route):
     # A real-ish layer: several panels and register blocks in every dimension, E*r = 128.
     check(96, 256, 320, 8, 16, 2, torch.float32)
 
 
-def test_cpu_deterministic():
+def test_cpu_deterministic(route):
     x, w, b, a, bb, ids, g = (t if t is None or not t.is_floating_point() else t.float()
                               for t in make_inputs(40, 130, 70, 5, 16, 3, "duplicates"))
     args = (x, w, b, a, bb, ids, g, 0.5)
@@ -154,7 +171,7 @@ def test_cpu_deterministic():
         assert torch.equal(t1, t2)
 
 
-def test_cpu_h_contract():
+def test_cpu_h_contract(route):
     """h = A_e x_t per slot in the accumulate dtype, exactly 0 for unrouted slots."""
     x, w, b, a, bb, ids, g = make_inputs(9, 33, 17, 4, 5, 3)
     ids[0] = -1
@@ -176,7 +193,7 @@ def _op_args(T, dtype, bias=True):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("bias", [True, False])
-def test_cpu_opcheck(dtype, bias):
+def test_cpu_opcheck(route, dtype, bias):
     x, w, b, a, bb, ids, g = _op_args(7, dtype, bias)
     torch.library.opcheck(torch.ops.moelora.molora_linear_native_fwd.default, (x, w, b, a, bb, ids, g, 0.5))
     _, h = torch.ops.moelora.molora_linear_native_fwd(x, w, b, a, bb, ids, g, 0.5)
@@ -186,11 +203,70 @@ def test_cpu_opcheck(dtype, bias):
                               (dy, x, w, a, bb, ids, g, h, 0.5, need_x, need_adapters))
 
 
-def test_cpu_rejects_bad_ids():
+def test_cpu_rejects_bad_ids(route):
+    """The op's own check (the eager path leaves it to the op): a ValueError with the Python
+    layer's message, before any kernel runs."""
     x, w, b, a, bb, ids, g = _op_args(4, torch.float32)
     ids[1, 0] = 3  # E = 3
-    with pytest.raises(RuntimeError, match="expert_indices"):
-        torch.ops.moelora.molora_linear_native_fwd(x, w, b, a, bb, ids, g, 1.0)
+    for op in (torch.ops.moelora.molora_linear_native_fwd, torch.ops.moelora.molora_linear_native):
+        with pytest.raises(ValueError, match=r"expert_indices must lie in \[-1, 3\).*expert_indices\[1, 0\] = 3"):
+            op(x, w, b, a, bb, ids, g, 1.0)
+    with pytest.raises(ValueError, match=r"expert_indices must lie in \[-1, 3\)"):
+        moelora.molora_linear(x, w, b, a, bb, ids, g, 1.0, backend="cpu")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("bias", [True, False])
+def test_cpu_autograd_op(route, dtype, bias):
+    """molora_linear_native (the eager path: autograd in C++) against the registered ops'
+    gradients, every input that can need one, and opcheck (schema, autograd registration,
+    fake, AOT dispatch)."""
+    x, w, b, a, bb, ids, g = _op_args(7, dtype, bias)
+    args = [x, w, b, a, bb, ids, g]
+    grads = {}
+    for name, fn in (("native", torch.ops.moelora.molora_linear_native),
+                     ("custom op", lambda *t: moelora.molora_linear(*t, backend="torch"))):
+        leaves = [t if t is None or not t.is_floating_point() else t.detach().clone().requires_grad_()
+                  for t in args]
+        y = fn(*leaves, 0.5)
+        y.backward(torch.ones_like(y))
+        grads[name] = [y.detach()] + [t.grad for t in leaves if t is not None and t.is_floating_point()]
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    for got, want in zip(grads["native"], grads["custom op"]):
+        assert rel_error(got, want) < tol
+    leaves = [t if t is None or not t.is_floating_point() else t.detach().requires_grad_() for t in args]
+    torch.library.opcheck(torch.ops.moelora.molora_linear_native.default, (*leaves, 0.5))
+
+
+def test_cpu_route_switch():
+    previous = _C.set_cpu_route("dense")
+    try:
+        assert _C.cpu_route() == "dense"
+        with pytest.raises(RuntimeError, match="unknown CPU route"):
+            _C.set_cpu_route("sideways")
+    finally:
+        _C.set_cpu_route(previous)
+    assert _C.cpu_route() == previous
+
+
+def test_cpu_dense_route_skips_frozen_adapter_gradients():
+    """Frozen experts (HoE router training): the dense backward runs its two GEMMs (u = dy B,
+    dx), not the two adapter-gradient GEMMs."""
+    from torch.profiler import profile
+
+    x, w, b, a, bb, ids, g = _op_args(16, torch.float32)
+    x.requires_grad_()
+    g.requires_grad_()
+    previous = _C.set_cpu_route("dense")
+    try:
+        y = moelora.molora_linear(x, w, b, a, bb, ids, g, 0.5, backend="cpu")
+        with profile() as prof:
+            y.sum().backward()
+    finally:
+        _C.set_cpu_route(previous)
+    mms = sum(e.count for e in prof.key_averages() if e.key in ("aten::mm", "aten::addmm_"))
+    assert mms == 3  # u_all, dy W, dx += z_u A
+    assert x.grad is not None and g.grad is not None and a.grad is None
 
 
 def test_cpu_isa_switch():
@@ -219,7 +295,7 @@ def _native_ref(x, w, b, a, bb, ids, g, scaling):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_cpu_cache_sees_in_place_updates(dtype):
+def test_cpu_cache_sees_in_place_updates(routed, dtype):
     """The cached adapter layouts are keyed on the version counter: an in-place update of A or
     B (an optimizer step) is seen by the next forward and backward."""
     x, w, b, a, bb, ids, g = make_inputs(5, 70, 130, 6, 4, 2)
@@ -265,7 +341,7 @@ def test_cpu_trainable_adapters_see_every_optimizer_step(fused):
         opt.step()
 
 
-def test_cpu_cache_new_tensor_same_values_layout_is_fresh():
+def test_cpu_cache_new_tensor_same_values_layout_is_fresh(route):
     """A freed adapter's entry never serves another tensor, even at the same address."""
     x, w, b, a, bb, ids, g = (t if t is None or not t.is_floating_point() else t.float()
                               for t in make_inputs(3, 40, 50, 4, 3, 2))
@@ -278,7 +354,7 @@ def test_cpu_cache_new_tensor_same_values_layout_is_fresh():
 @pytest.mark.parametrize("T", [1, 2, 8, 16])
 @pytest.mark.parametrize("inference", [False, True], ids=["cached", "inference-mode"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_cpu_small_T(isa, T, inference, dtype):
+def test_cpu_small_T(isa, route, T, inference, dtype):
     """Decode sizes: the serial path (no parallel region), cached layouts, and under inference
     mode (no version counter) the used experts only; unrouted slots included."""
     x, w, b, a, bb, ids, g = make_inputs(T, 96, 160, 8, 16, 2)
@@ -298,7 +374,7 @@ def test_cpu_small_T(isa, T, inference, dtype):
 def test_cpu_inference_mode_rejects_bad_ids():
     x, w, b, a, bb, ids, g = _op_args(1, torch.float32)
     ids[0, 0] = 7  # E = 3
-    with torch.inference_mode(), pytest.raises(RuntimeError, match="expert_indices"):
+    with torch.inference_mode(), pytest.raises(ValueError, match="expert_indices"):
         torch.ops.moelora.molora_linear_native_fwd(x, w, b, a.clone(), bb.clone(), ids, g, 1.0)
 
 

@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <utility>  // std::integer_sequence (kernels_impl.h)
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && \
     !defined(MOELORA_CPU_BASE_ONLY)
@@ -29,7 +30,7 @@
 #define MOELORA_OUTER_NV 2
 #include "kernels_impl.h"
 namespace moelora { namespace cpu { namespace avx512 {
-const KernelTable kTable = {"avx512", VB, shrink_entry, expand_entry, outer_entry};
+const KernelTable kTable = {"avx512", VB, shrink_entry, expand_entry, expand_direct_entry, outer_entry};
 }}}  // namespace moelora::cpu::avx512
 #undef MOELORA_NS
 #undef MOELORA_VB
@@ -51,7 +52,7 @@ const KernelTable kTable = {"avx512", VB, shrink_entry, expand_entry, outer_entr
 #define MOELORA_OUTER_NV 2
 #include "kernels_impl.h"
 namespace moelora { namespace cpu { namespace avx2 {
-const KernelTable kTable = {"avx2", VB, shrink_entry, expand_entry, outer_entry};
+const KernelTable kTable = {"avx2", VB, shrink_entry, expand_entry, expand_direct_entry, outer_entry};
 }}}  // namespace moelora::cpu::avx2
 #undef MOELORA_NS
 #undef MOELORA_VB
@@ -73,11 +74,20 @@ const KernelTable kTable = {"avx2", VB, shrink_entry, expand_entry, outer_entry}
 #define MOELORA_OUTER_NV 2
 #include "kernels_impl.h"
 namespace moelora { namespace cpu { namespace base {
-const KernelTable kTable = {"base", VB, shrink_entry, expand_entry, outer_entry};
+const KernelTable kTable = {"base", VB, shrink_entry, expand_entry, expand_direct_entry, outer_entry};
 }}}  // namespace moelora::cpu::base
 
 namespace moelora {
 namespace cpu {
+
+bool has_bf16_matmul() {
+#ifdef MOELORA_MULTI_ISA
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512bf16") || __builtin_cpu_supports("amx-bf16");
+#else
+  return false;
+#endif
+}
 
 Isa detect_isa() {
 #ifdef MOELORA_MULTI_ISA

@@ -42,7 +42,8 @@ struct SlotRange {
 };
 
 struct ShrinkArgs {
-  DType acc;            // f32 or f64: type of M and out
+  DType acc;            // f32 or f64: type of out
+  DType mt;             // storage of M: acc, or bf16 with acc f32 (read as stored)
   DType xt;             // storage of X (f32 or bf16 with acc f32; f64 with acc f64)
   const void* M;        // [E, r, n]
   const void* X;        // [T, n]
@@ -64,6 +65,19 @@ struct ExpandArgs {
   int64_t num_token_blocks;
 };
 
+// Expand of a few tokens reading B as stored: Y_t[c] += sum_j <M_{e(t,j)}[c, :], Z[t, j, :]>.
+struct ExpandDirectArgs {
+  DType acc;
+  DType mt;             // storage of M: acc, or bf16 with acc f32
+  DType yt;             // storage of Y
+  const void* M;        // [E, n, r] (lora_b as stored)
+  const void* Z;        // [T * k, r], scaled
+  const int64_t* idx;   // [T, k], -1 = no expert
+  void* Y;              // [T, n], updated in place
+  int64_t r, n, k;
+  int64_t cols_per_item;  // item = (token, block of columns), columns fastest
+};
+
 struct OuterArgs {
   DType acc;
   DType xt;
@@ -81,11 +95,15 @@ struct KernelTable {
   int vector_bytes;
   void (*shrink)(const ShrinkArgs&, int64_t item_begin, int64_t item_end);
   void (*expand)(const ExpandArgs&, int64_t item_begin, int64_t item_end);
+  void (*expand_direct)(const ExpandDirectArgs&, int64_t item_begin, int64_t item_end);
   void (*outer)(const OuterArgs&, int64_t item_begin, int64_t item_end);
 };
 
 // Best instruction set this CPU (and build) supports.
 Isa detect_isa();
+// Whether the CPU multiplies bf16 natively (AVX-512 BF16 or AMX): oneDNN's bf16 GEMMs then beat
+// any fp32-widening kernel.
+bool has_bf16_matmul();
 // Kernels for `isa`; falls back to a lower set when `isa` was not compiled in.
 const KernelTable& kernel_table(Isa isa);
 // Instruction sets compiled into this build, best first, as names ("avx512", "avx2", "base").

@@ -94,6 +94,16 @@ struct Routing {
   std::vector<int64_t> offsets;  // [E + 1]
 };
 
+// The Python layer's message (moelora.ops.checks.check_range), as a ValueError, before any
+// kernel runs: the eager path leaves this check to the op (one pass, no temporaries).
+void check_expert_range(const Tensor& idx, int64_t E) {
+  const int64_t n = idx.numel(), k = idx.dim() == 2 ? idx.size(1) : 1;
+  const int64_t* p = idx.data_ptr<int64_t>();
+  for (int64_t s = 0; s < n; ++s)
+    TORCH_CHECK_VALUE(p[s] >= -1 && p[s] < E, "expert_indices must lie in [-1, ", E, ") (E = ", E,
+                      ", -1 = no expert); got expert_indices[", s / k, ", ", s % k, "] = ", p[s]);
+}
+
 Routing sort_slots(const Tensor& idx, int64_t E) {
   const int64_t n = idx.numel();
   const int64_t* p = idx.data_ptr<int64_t>();
@@ -236,8 +246,17 @@ AdapterCache& adapter_cache() {
 // of waking the pool (a parallel region costs microseconds, as much as the whole LoRA part of
 // a T=1 call: 2 x 32 K multiply-adds at d = 1024, r = 16, k = 2).
 constexpr int64_t kMinTaskMacs = 1 << 17;
-int64_t grain_for(int64_t macs_per_item) {
-  return std::max<int64_t>(1, kMinTaskMacs / std::max<int64_t>(1, macs_per_item));
+int64_t grain_for(int64_t macs_per_item, int64_t min_task_macs = kMinTaskMacs) {
+  return std::max<int64_t>(1, min_task_macs / std::max<int64_t>(1, macs_per_item));
+}
+
+// Items that stream adapter rows from memory once (a few tokens: each multiply-add reads a new
+// adapter element) are bound by one core's bandwidth, not by its FMA units: 128 K multiply-adds
+// read 512 KiB, ~50 us on one core against a parallel region's few microseconds, so their tasks
+// are split at 8 K (T=1, d=1024, r=16: one task per expert on the shrink).
+constexpr int64_t kMinStreamingTaskMacs = 1 << 13;
+int64_t streaming_grain(int64_t macs_per_item, int64_t slots_per_expert) {
+  return grain_for(macs_per_item, slots_per_expert <= 2 ? kMinStreamingTaskMacs : kMinTaskMacs);
 }
 
 // Runs of at most `chunk` slots of one expert: the shrink's parallel work items. 16 slots is
@@ -261,10 +280,10 @@ void run_shrink(const cpu::KernelTable& kt, const Tensor& M, const Tensor& X, co
     for (int64_t b = rt.offsets[e]; b < rt.offsets[e + 1]; b += kShrinkChunk)
       items.push_back({e, b, std::min(b + kShrinkChunk, rt.offsets[e + 1])});
   if (items.empty()) return;
-  cpu::ShrinkArgs a{dtype_of(M), dtype_of(X), M.data_ptr(), X.data_ptr(), out.data_ptr(),
+  cpu::ShrinkArgs a{dtype_of(out), dtype_of(M), dtype_of(X), M.data_ptr(), X.data_ptr(), out.data_ptr(),
                     rt.order.data(), items.data(), r, n, k};
   const int64_t per_item = ceil_div(static_cast<int64_t>(rt.order.size()), static_cast<int64_t>(items.size()));
-  at::parallel_for(0, static_cast<int64_t>(items.size()), grain_for(per_item * r * n),
+  at::parallel_for(0, static_cast<int64_t>(items.size()), streaming_grain(per_item * r * n, per_item),
                    [&](int64_t b, int64_t e) { kt.shrink(a, b, e); });
 }
 
@@ -341,6 +360,20 @@ void run_expand(const cpu::KernelTable& kt, const Tensor& panels, const Tensor& 
   at::parallel_for(0, items, grain_for(macs), [&](int64_t b, int64_t e) { kt.expand(a, b, e); });
 }
 
+// Y_t += sum_j B_{e(t,j)} Z[t, j] reading B [E, n, r] as stored (a few tokens: see kernels.h).
+void run_expand_direct(const cpu::KernelTable& kt, const Tensor& B, const Tensor& Z,
+                       const Tensor& idx, Tensor& Y) {
+  const int64_t r = B.size(2), n = Y.size(1), T = idx.size(0), k = idx.size(1);
+  if (T == 0 || n == 0) return;
+  const int64_t cols = kExpandCols;
+  cpu::ExpandDirectArgs a{dtype_of(Z), dtype_of(B), dtype_of(Y), B.data_ptr(), Z.data_ptr(),
+                          idx.data_ptr<int64_t>(), Y.data_ptr(), r, n, k, cols};
+  const int64_t items = T * ceil_div(n, cols);
+  // each item streams its k slots' rows of B: T * k < E, so experts are rarely shared
+  at::parallel_for(0, items, grain_for(k * r * std::min(n, cols), kMinStreamingTaskMacs),
+                   [&](int64_t b, int64_t e) { kt.expand_direct(a, b, e); });
+}
+
 // G_e = sum over slots of e of Z[slot] X_t^T: G [E, r, n] (acc), written in full.
 Tensor run_outer(const cpu::KernelTable& kt, const Tensor& Z, const Tensor& X, const Routing& rt,
                  int64_t E, int64_t r, int64_t n, int64_t k, at::ScalarType acc) {
@@ -365,10 +398,12 @@ void check_cpu(const Tensor& x, const Tensor& weight, const std::optional<Tensor
 // ---------------------------------------------------------------------------------------------
 // the adapters in the kernels' layouts (cached, see AdapterCache)
 // ---------------------------------------------------------------------------------------------
-// A [E, r, d_in] in the accumulate dtype, row-major: the forward shrink's operand.
-Tensor adapter_acc(const Tensor& lora_a, at::ScalarType acc) {
-  if (lora_a.scalar_type() == acc && lora_a.is_contiguous()) return lora_a;
-  return adapter_cache().get(lora_a, Layout::acc, acc, [&] { return lora_a.to(acc).contiguous(); });
+// An adapter the kernels read as stored (acc dtype, or bf16 under fp32 accumulation, row-major)
+// is used in place: A [E, r, d_in] by the forward shrink, B [E, d_out, r] by expand_direct.
+// Anything else (fp16) is converted, cached where it may be.
+Tensor adapter_as_read(const Tensor& adapter, at::ScalarType acc) {
+  if (kernel_reads(adapter.scalar_type(), acc) && adapter.is_contiguous()) return adapter;
+  return adapter_cache().get(adapter, Layout::acc, acc, [&] { return adapter.to(acc).contiguous(); });
 }
 
 // B_e as [r, d_out] column panels (element (i, c) at B[e][c][i]): the forward expand's operand.
@@ -395,34 +430,6 @@ Tensor a_panels(const Tensor& lora_a, at::ScalarType acc) {
   });
 }
 
-// Where the adapters cannot be cached (inference tensors, cache off) and few experts are used
-// (decode: T * k slots of E), only the used experts are laid out: `local_idx` maps the call's
-// expert ids to rows of the packed subset, `used` lists them.
-struct UsedExperts {
-  std::vector<int64_t> used;
-  Tensor local_idx;  // [T, k] ids into `used`, -1 kept
-};
-
-UsedExperts used_experts(const Tensor& idx, int64_t E) {
-  UsedExperts u;
-  const int64_t n = idx.numel();
-  const int64_t* p = idx.data_ptr<int64_t>();
-  std::vector<int64_t> slot(E, -1);
-  u.local_idx = at::empty(idx.sizes(), idx.options());
-  int64_t* q = u.local_idx.data_ptr<int64_t>();
-  for (int64_t s = 0; s < n; ++s) {
-    const int64_t e = p[s];
-    TORCH_CHECK(e >= -1 && e < E, "moelora: expert_indices must lie in [-1, ", E, "), got ", e);
-    if (e < 0) { q[s] = -1; continue; }
-    if (slot[e] < 0) {
-      slot[e] = static_cast<int64_t>(u.used.size());
-      u.used.push_back(e);
-    }
-    q[s] = slot[e];
-  }
-  return u;
-}
-
 bool cacheable(const Tensor& t) { return AdapterCache::cacheable_tensor(t); }
 
 // z = s g h for every slot, and h = 0 for unrouted ones (the shrink leaves them unwritten).
@@ -443,7 +450,159 @@ void scale_slots(Tensor& h, const Tensor& gates, const Tensor& idx, double scali
   });
 }
 
+
+// ---------------------------------------------------------------------------------------------
+// route: routed kernels, or the dense rank-space GEMMs through ATen
+// ---------------------------------------------------------------------------------------------
+// Dense route: h_all = x A_all^T ([T, E r], one GEMM), the gated slots scattered into a
+// [T, E r] matrix Z, then y += Z B_all^T (one GEMM into y). E / k times the routed FLOPs, but on
+// MKL / oneDNN: with bf16 on AMX those GEMMs run ~3.6x faster than fp32 FMA kernels can, and at
+// small T they skip the kernels' per-call layout of trainable adapters. Same precision rules as
+// the torch backend (matmuls in the operands' shared dtype, fp32 accumulation inside them).
+constexpr int64_t kDenseMinTokensBf16 = 4;
+constexpr int64_t kDenseMinTokensF32 = 4;
+constexpr int64_t kDenseMaxTokensF32 = 128;
+constexpr int64_t kDenseMaxExpertsPerSlot = 4;
+
+enum class Route : int { automatic = 0, dense = 1, routed = 2 };
+std::atomic<int> g_route{static_cast<int>(Route::automatic)};
+
+const char* route_name(Route r) {
+  switch (r) {
+    case Route::dense: return "dense";
+    case Route::routed: return "routed";
+    default: return "auto";
+  }
+}
+
+// Measured choice (benchmarks/NOTES.md, "CPU routes"): thresholds below.
+bool dense_by_cost(bool bf16_matmul, int64_t T, int64_t E, int64_t k) {
+  if (bf16_matmul) return T >= kDenseMinTokensBf16 && E <= kDenseMaxExpertsPerSlot * k;
+  return T >= kDenseMinTokensF32 && T <= kDenseMaxTokensF32 && E <= kDenseMaxExpertsPerSlot * k;
+}
+
+bool dense_route(const Tensor& x, const Tensor& lora_a, int64_t T, int64_t E, int64_t k,
+                 at::ScalarType acc) {
+  const at::ScalarType st = x.scalar_type();
+  if (acc != at::kFloat || lora_a.scalar_type() != st || (st != at::kFloat && st != at::kBFloat16))
+    return false;
+  const Route route = static_cast<Route>(g_route.load(std::memory_order_relaxed));
+  if (route != Route::automatic) return route == Route::dense;
+  return dense_by_cost(st == at::kBFloat16 && cpu::has_bf16_matmul(), T, E, k);
+}
+
+// B_all [d_out, E r]: column e r + i is B_e[:, i] (one copy of the adapter per call).
+Tensor b_flat(const Tensor& lora_b) {
+  const int64_t E = lora_b.size(0), d_out = lora_b.size(1), r = lora_b.size(2);
+  return lora_b.permute({1, 0, 2}).reshape({d_out, E * r});
+}
+
+// Per slot: picks the slot's r columns of `all` [T, E r] into `slots` [T, k, r] (acc, 0 where
+// unrouted) and adds c * slots into the expert's columns of `dense` [T, E r] (acc, zeroed), with
+// c = s g (duplicate ids add up, as in the reference).
+void gather_scatter_slots(const Tensor& all, const Tensor& gates, const Tensor& idx, double scaling,
+                          Tensor& slots, Tensor& dense) {
+  const int64_t T = idx.size(0), k = idx.size(1), r = slots.size(2), Er = all.size(1);
+  const int64_t* ip = idx.data_ptr<int64_t>();
+  const float* gp = gates.data_ptr<float>();
+  float* sp = slots.data_ptr<float>();
+  float* dp = dense.data_ptr<float>();
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, all.scalar_type(), "moelora_dense_slots", [&] {
+    const scalar_t* ap = all.data_ptr<scalar_t>();
+    at::parallel_for(0, T, grain_for(k * r * 4), [&](int64_t b, int64_t e) {
+      for (int64_t t = b; t < e; ++t)
+        for (int64_t j = 0; j < k; ++j) {
+          const int64_t s = t * k + j, ex = ip[s];
+          float* out = sp + s * r;
+          if (ex < 0) {
+            for (int64_t i = 0; i < r; ++i) out[i] = 0;
+            continue;
+          }
+          const float c = gp[s] * static_cast<float>(scaling);
+          const scalar_t* in = ap + t * Er + ex * r;
+          float* d = dp + t * Er + ex * r;
+          for (int64_t i = 0; i < r; ++i) {
+            out[i] = static_cast<float>(in[i]);
+            d[i] += c * out[i];
+          }
+        }
+    });
+  });
+}
+
+std::tuple<Tensor, Tensor> dense_forward(const Tensor& x, const Tensor& weight,
+                                         const std::optional<Tensor>& bias, const Tensor& lora_a,
+                                         const Tensor& lora_b, const Tensor& idx,
+                                         const Tensor& gates, double scaling) {
+  const int64_t T = x.size(0), E = lora_a.size(0), r = lora_a.size(1), k = idx.size(1);
+  const Tensor A_all = lora_a.reshape({E * r, lora_a.size(2)});
+  Tensor y = at::linear(x, weight, bias);
+  const Tensor h_all = at::mm(x, A_all.t());  // [T, E r], x.dtype
+  Tensor h = at::empty({T, k, r}, gates.options());
+  Tensor z = at::zeros({T, E * r}, gates.options());
+  gather_scatter_slots(h_all, gates, idx, scaling, h, z);
+  y.addmm_(z.to(x.scalar_type()), b_flat(lora_b).t());
+  return {y, h};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> dense_backward(
+    const Tensor& dy, const Tensor& x, const Tensor& weight, const Tensor& lora_a,
+    const Tensor& lora_b, const Tensor& idx, const Tensor& gates, const Tensor& h, double scaling,
+    bool compute_grad_x, bool compute_grad_adapters) {
+  const int64_t T = x.size(0), d_in = x.size(1), d_out = weight.size(0);
+  const int64_t E = lora_a.size(0), r = lora_a.size(1), k = idx.size(1);
+  const at::ScalarType st = x.scalar_type();
+  const Tensor u_all = at::mm(dy, b_flat(lora_b));  // [T, E r]: B_e^T dy_t for every expert
+  Tensor u = at::empty({T, k, r}, gates.options());
+  Tensor zu = at::zeros({T, E * r}, gates.options());  // s g u by expert column
+  gather_scatter_slots(u_all, gates, idx, scaling, u, zu);
+  const Tensor hk = h.contiguous();
+  const Tensor grad_gates = (u * hk).sum(-1).mul_(scaling);
+  const Tensor zu_st = zu.to(st);
+
+  Tensor grad_a = at::empty({0}, lora_a.options()), grad_b = at::empty({0}, lora_b.options());
+  if (compute_grad_adapters) {
+    // s g h by expert column, from the saved slots (no second pass over x)
+    Tensor zh = at::zeros({T, E * r}, gates.options());
+    {
+      const int64_t* ip = idx.data_ptr<int64_t>();
+      const float* gp = gates.data_ptr<float>();
+      const float* hp = hk.data_ptr<float>();
+      float* zp = zh.data_ptr<float>();
+      at::parallel_for(0, T, grain_for(k * r * 4), [&](int64_t b, int64_t e) {
+        for (int64_t t = b; t < e; ++t)
+          for (int64_t j = 0; j < k; ++j) {
+            const int64_t s = t * k + j, ex = ip[s];
+            if (ex < 0) continue;
+            const float c = gp[s] * static_cast<float>(scaling);
+            for (int64_t i = 0; i < r; ++i) zp[t * E * r + ex * r + i] += c * hp[s * r + i];
+          }
+      });
+    }
+    grad_b = at::mm(zh.to(st).t(), dy).view({E, r, d_out}).transpose(1, 2).contiguous();
+    grad_a = at::mm(zu_st.t(), x).view({E, r, d_in});
+  }
+  Tensor grad_x = at::empty({0}, x.options());
+  if (compute_grad_x) {
+    grad_x = at::mm(dy, weight);
+    grad_x.addmm_(zu_st, lora_a.reshape({E * r, d_in}));
+  }
+  return {grad_x, grad_a.to(lora_a.scalar_type()), grad_b.to(lora_b.scalar_type()), grad_gates};
+}
 }  // namespace
+
+std::string cpu_route() { return route_name(static_cast<Route>(g_route.load())); }
+
+std::string set_cpu_route(const std::string& name) {
+  const std::string previous = cpu_route();
+  Route route;
+  if (name == "auto") route = Route::automatic;
+  else if (name == "dense") route = Route::dense;
+  else if (name == "routed") route = Route::routed;
+  else TORCH_CHECK(false, "moelora: unknown CPU route '", name, "', expected 'auto', 'dense' or 'routed'");
+  g_route.store(static_cast<int>(route));
+  return previous;
+}
 
 std::string cpu_isa() { return isa_name(active_isa()); }
 
@@ -469,37 +628,29 @@ std::tuple<Tensor, Tensor> cpu_forward(const Tensor& x, const Tensor& weight,
   const at::ScalarType acc = expert_weights.scalar_type();
   const Tensor idx = expert_indices.contiguous();
   const cpu::KernelTable& kt = cpu::kernel_table(active_isa());
+  check_expert_range(idx, E);
+  if (dense_route(x, lora_a, T, E, k, acc)) {
+    return dense_forward(x, weight, bias, lora_a.contiguous(), lora_b.contiguous(), idx,
+                         expert_weights.contiguous(), scaling);
+  }
 
   Tensor y = at::linear(x, weight, bias);  // [T, d_out], x.dtype
   Tensor h = at::empty({T, k, r}, expert_weights.options());
 
-  // Adapters: cached layouts, or (uncacheable, few experts used) only the used experts' rows.
-  const bool use_subset = !(cacheable(lora_a) && cacheable(lora_b)) && T * k < E;
-  const UsedExperts ue = use_subset ? used_experts(idx, E) : UsedExperts{};
-  Tensor A, P;
-  Tensor kidx = idx;  // the ids the kernels see
-  int64_t Ek = E;
-  if (use_subset) {
-    const Tensor sel = at::tensor(ue.used, idx.options());
-    A = lora_a.index_select(0, sel).to(acc).contiguous();
-    const Tensor B = lora_b.index_select(0, sel).to(acc).contiguous();
-    Ek = B.size(0);
-    const int64_t d_out = B.size(1);
-    P = pack_panels(B, Ek, r, d_out, d_out * r, 1, r);
-    kidx = ue.local_idx;
-  } else {
-    A = adapter_acc(lora_a, acc);
-  }
-  const Routing rt = sort_slots(kidx, Ek);  // also checks the ids' range
+  // Few tokens with adapters that cannot be cached (trainable, inference tensors): B is read
+  // as stored by expand_direct instead of being laid out in panels per call.
+  const bool direct = !(cacheable(lora_a) && cacheable(lora_b)) && T * k < E;
+  const Tensor A = adapter_as_read(lora_a, acc);
+  const Routing rt = sort_slots(idx, E);  // also checks the ids' range
   if (rt.order.empty()) return {y, h.zero_()};
-  if (!use_subset) P = b_panels(lora_b, acc);
 
   const Tensor xk = token_operand(x, acc);
   run_shrink(kt, A, xk, rt, k, h);
   Tensor z = at::empty_like(h);
-  scale_slots(h, expert_weights.contiguous(), kidx, scaling, z);  // s g h
+  scale_slots(h, expert_weights.contiguous(), idx, scaling, z);  // s g h
   Tensor yk = token_operand(y, acc);
-  run_expand(kt, P, z, kidx, yk);
+  if (direct) run_expand_direct(kt, adapter_as_read(lora_b, acc), z, idx, yk);
+  else run_expand(kt, b_panels(lora_b, acc), z, idx, yk);
   if (!yk.is_same(y)) y = yk.to(x.scalar_type());
   return {y, h};
 }
@@ -517,6 +668,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> cpu_backward(
               "moelora: h must be [T, k, r]");
   const at::ScalarType acc = expert_weights.scalar_type();
   const Tensor idx = expert_indices.contiguous();
+  if (dense_route(x, lora_a, T, E, k, acc)) {
+    check_expert_range(idx, E);
+    return dense_backward(grad_out.contiguous(), x.contiguous(), weight.contiguous(),
+                          lora_a.contiguous(), lora_b.contiguous(), idx,
+                          expert_weights.contiguous(), h, scaling, compute_grad_x,
+                          compute_grad_adapters);
+  }
   const Routing rt = sort_slots(idx, E);
   const cpu::KernelTable& kt = cpu::kernel_table(active_isa());
 

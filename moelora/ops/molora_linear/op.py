@@ -11,6 +11,7 @@ ground truth is `reference.molora_linear_ref`.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -115,10 +116,43 @@ def _validate(x, weight, bias, lora_a, lora_b, expert_indices, expert_weights, s
     return as_number(scaling, "scaling", integral=False)
 
 
+# Signatures (type, shape, dtype, device of every tensor argument) that passed _validate: its
+# verdict depends on nothing else but scaling, which is checked per call. A decode step's
+# validation cost ~25 us of Python, a sixth of the step; the set is bounded (cleared when full).
+_VALID_SIGNATURES: set = set()
+_MAX_SIGNATURES = 4096
+
+
+def _signature(tensors) -> tuple:
+    return tuple(None if t is None else (type(t), t.shape, t.dtype, t.device) for t in tensors)
+
+
+def _validated(x, weight, bias, lora_a, lora_b, expert_indices, expert_weights, scaling):
+    """_validate, run once per signature in eager mode (always while compiling: dynamo traces
+    the checks, not a cache)."""
+    tensors = (x, weight, bias, lora_a, lora_b, expert_indices, expert_weights)
+    if torch.compiler.is_compiling() or not all(t is None or isinstance(t, Tensor) for t in tensors):
+        return _validate(*tensors, scaling)
+    key = _signature(tensors)
+    if key in _VALID_SIGNATURES:
+        if type(scaling) is float and math.isfinite(scaling):
+            return scaling
+        return as_number(scaling, "scaling", integral=False)
+    scaling = _validate(*tensors, scaling)
+    if len(_VALID_SIGNATURES) >= _MAX_SIGNATURES:
+        _VALID_SIGNATURES.clear()
+    _VALID_SIGNATURES.add(key)
+    return scaling
+
+
 def _check_expert_range(expert_indices: Tensor, num_experts: int, backend: str) -> None:
     """A backend whose kernels assert on the ids themselves (CHECKS_IDS) needs no launch of its
-    own for the check on a GPU; on CPU tensors every backend gets the named ValueError."""
+    own for the check on a GPU; on CPU tensors every backend gets the named ValueError, the
+    native cpu kernels raise it themselves (the same message, in their one pass over the ids,
+    before any kernel runs)."""
     if expert_indices.device.type != "cpu" and getattr(BACKENDS.impl(backend), "CHECKS_IDS", False):
+        return
+    if backend == "cpu":
         return
     check_range(expert_indices, -1, num_experts, name="expert_indices",
                 expected=f"lie in [-1, {num_experts}) (E = {num_experts}, -1 = no expert)")
@@ -236,6 +270,31 @@ def _backward(ctx, grad_y, _grad_h, _grad_state):
 _molora_linear_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+_NATIVE = "molora_linear_native"  # y alone, autograd in C++ (csrc/molora_linear/autograd.cpp)
+
+
+def _fake_native(x, weight, bias, lora_a, lora_b, expert_indices, expert_weights, scaling):
+    return x.new_empty(expert_indices.shape[0], weight.shape[0])
+
+
+extension.register_fake(_NATIVE, _fake_native)
+
+
+def _eager_native(backend: str, tensors) -> bool:
+    """Eager calls of the compiled kernels on plain tensors take the C++-autograd op: the
+    custom op's Python dispatch layers cost ~50-120 us a call, as much as a decode step's
+    whole LoRA work. torch.compile, tensor subclasses (DTensor, functorch wrappers) and fake
+    tensors keep the registered custom op, whose fake and autograd the compiler traces."""
+    return (
+        backend in _NATIVE_BACKENDS
+        and not torch.compiler.is_compiling()
+        and all(t is None or type(t) is Tensor for t in tensors)
+    )
+
+
+_NATIVE_BACKENDS = ("cpu", "cuda")
+
+
 # --------------------------------------------------------------------------------------------
 # public functional
 # --------------------------------------------------------------------------------------------
@@ -268,7 +327,7 @@ def molora_linear(
         ``[..., d_out]`` in ``x``'s dtype. Differentiable w.r.t. x, lora_a, lora_b,
         expert_weights, and weight / bias when they require grad.
     """
-    scaling = _validate(x, weight, bias, lora_a, lora_b, expert_indices, expert_weights, scaling)
+    scaling = _validated(x, weight, bias, lora_a, lora_b, expert_indices, expert_weights, scaling)
     requested, dtypes = backend, (x.dtype, lora_a.dtype)
     backend = BACKENDS.resolve(backend, x.device, dtypes)
     _check_expert_range(expert_indices, lora_a.shape[0], backend)
@@ -282,16 +341,21 @@ def molora_linear(
         # adapters and gates: under DDP a rank with an empty batch must still produce them).
         # The torch backend serves it: every kernel of the others assumes at least one row.
         backend = "torch"
+    ids = expert_indices.reshape(-1, k)
+    gates = expert_weights.reshape(-1, k)
+    acc = accumulate_dtype(x.dtype, lora_a.dtype)
     args = (
         x2.contiguous(),
         weight.contiguous(),
         None if bias is None else bias.contiguous(),
         lora_a.contiguous(),
         lora_b.contiguous(),
-        expert_indices.reshape(-1, k).to(torch.int64).contiguous(),
-        expert_weights.reshape(-1, k).to(accumulate_dtype(x.dtype, lora_a.dtype)).contiguous(),
+        (ids if ids.dtype == torch.int64 else ids.to(torch.int64)).contiguous(),
+        (gates if gates.dtype == acc else gates.to(acc)).contiguous(),
         scaling,
     )
+    if _eager_native(backend, args[:7]):
+        return torch.ops.moelora.molora_linear_native(*args).reshape(*lead, d_out)
     try:
         y, _, _ = torch.ops.moelora.molora_linear_fwd(*args, backend)
     except Exception as exc:
