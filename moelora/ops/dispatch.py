@@ -152,8 +152,8 @@ class OpDispatch:
         self._logged: set = set()
         self._failed: dict = {}  # backend -> why it was dropped at run time (see fall_back)
         # resolve()'s answers: availability probes cost ~20 us a call (dispatch-key lookups),
-        # and what they answer changes only with what the key holds (a fall_back adds to
-        # _failed; the interpreter switch and MOELORA_BACKEND are read from the environment).
+        # and what they answer changes only with what the key holds (the interpreter switch and
+        # MOELORA_BACKEND are read from the environment) or with _failed (a fall_back clears).
         # Availability itself is fixed once probed (the extension loads once, imports are
         # tried once); clear_decisions() forgets for code that changes it (tests).
         self._decisions: dict = {}
@@ -204,6 +204,7 @@ class OpDispatch:
     def _warn_failed(self, failed: str, exc: BaseException) -> None:
         reason = f"its kernels failed to compile at first call ({type(exc).__name__}: {exc})"
         self._failed[failed] = reason
+        self._decisions.clear()  # every memoised choice may have named the failed backend
         message = (f"moelora: {self.op}: backend 'triton' disabled for this process, {reason}; "
                    "falling back to the next backend")
         warnings.warn(message, RuntimeWarning, stacklevel=3)
@@ -240,8 +241,7 @@ def registry() -> dict:
 @torch.compiler.assume_constant_result
 def _decide(op: str, name: str, preferred: str, device: torch.device, dtypes: tuple):
     dispatch = _REGISTRY[op]
-    key = (name, preferred, device, dtypes, interpreting(), AUTO_ORDER.get(device.type),
-           frozenset(dispatch._failed))
+    key = (name, preferred, device, dtypes, interpreting(), AUTO_ORDER.get(device.type))
     decided = dispatch._decisions.get(key)
     if decided is None:
         decided = dispatch._decisions[key] = _decide_uncached(dispatch, op, name, preferred, device, dtypes)

@@ -115,9 +115,12 @@ def check(T, d_in, d_out, E, r, k, dtype, adapter_dtype=None, routing="topk", bi
 
 
 # (T, d_in, d_out, E, r, k): sizes of 1, sizes just past a vector / panel boundary (63, 65,
-# 130), ranks not a multiple of the register block, k from 1 to E.
+# 130), ranks not a multiple of the register block, k from 1 to E. T * k < E with trainable
+# adapters is the direct decode expand: d_out past whole vector blocks, r under / past a vector.
 SHAPES = [
     (1, 1, 1, 1, 1, 1),
+    (1, 65, 70, 9, 3, 2),
+    (2, 65, 130, 9, 24, 2),
     (17, 63, 65, 5, 3, 2),
     (17, 65, 63, 5, 16, 5),
     (1, 65, 1, 5, 1, 3),

@@ -261,8 +261,26 @@ static void expand_impl(const ExpandArgs& a, int64_t item_begin, int64_t item_en
 // expand_direct: the expand of a few tokens, reading B as stored ([E, n, r]: row c of B_e holds
 // the r values output column c needs), so no layout pass runs: at decode sizes packing the used
 // experts' panels cost as much as the whole LoRA part. The k slots' products of one output are
-// summed in one vector before its single reduction and its one read-modify-write of Y.
+// summed in one vector; L columns' vectors are then reduced together (fold_columns), so one
+// read-modify-write of Y serves L outputs.
 // ------------------------------------------------------------------------------------------
+// One level of fold_columns: a and b each hold 2*NB blocks of Bn lanes (NB = L / (2 Bn) column
+// groups); the result holds a's groups then b's, each folded (low half + high half) to Bn lanes.
+template <int Bn, int L, typename V, unsigned long... P>
+static inline V fold_pair(V a, V b, std::integer_sequence<unsigned long, P...>) {
+  constexpr unsigned long NB = L / (2 * Bn);
+  return __builtin_shufflevector(a, b, ((P / Bn >= NB ? L : 0) + (P / Bn % NB) * 2 * Bn + P % Bn)...) +
+         __builtin_shufflevector(a, b, ((P / Bn >= NB ? L : 0) + (P / Bn % NB) * 2 * Bn + P % Bn + Bn)...);
+}
+
+// v[0..L): partial sums of L columns, one vector each. After the call v[0] lane q = the lane
+// sum of the old v[q]: L - 1 pair folds of 2 shuffles and an add, against L tree reductions.
+template <int Bn, int L, typename V> static inline void fold_columns(V* v) {
+  for (int m = 0; m < Bn; ++m)
+    v[m] = fold_pair<Bn, L>(v[2 * m], v[2 * m + 1], std::make_integer_sequence<unsigned long, L>{});
+  if constexpr (Bn > 1) fold_columns<Bn / 2, L>(v);
+}
+
 template <typename Acc, typename Tm, typename Ty>
 static void expand_direct_impl(const ExpandDirectArgs& a, int64_t item_begin, int64_t item_end) {
   typedef typename Vec<Acc>::type vt;
@@ -279,7 +297,29 @@ static void expand_direct_impl(const ExpandDirectArgs& a, int64_t item_begin, in
     const int64_t* ids = a.idx + t * k;
     const Acc* Zt = Z + t * k * r;
     Ty* yt = Y + t * n;
-    for (int64_t c = c_begin; c < c_end; ++c) {
+    int64_t c = c_begin;
+    for (; c + L <= c_end; c += L) {
+      vt acc[L];
+      Acc tail[L];
+      for (int q = 0; q < L; ++q) acc[q] = vt{}, tail[q] = 0;
+      for (int64_t j = 0; j < k; ++j) {
+        const int64_t e = ids[j];
+        if (e < 0) continue;
+        const Tm* rows = M + (e * n + c) * r;
+        const Acc* z = Zt + j * r;
+        // ranks outer, columns inner: the unrolled inner loop is one load-multiply-add each
+        int64_t i = 0;
+        for (; i < rv; i += L) {
+          const vt zv = loadu<vt>(z + i);
+          for (int q = 0; q < L; ++q) acc[q] += Lanes<Acc, Tm>::load(rows + q * r + i) * zv;
+        }
+        for (; i < r; ++i)
+          for (int q = 0; q < L; ++q) tail[q] += to_acc<Acc>(rows[q * r + i]) * z[i];
+      }
+      fold_columns<L / 2, L>(acc);
+      Lanes<Acc, Ty>::store(yt + c, Lanes<Acc, Ty>::load(yt + c) + acc[0] + loadu<vt>(tail));
+    }
+    for (; c < c_end; ++c) {
       vt acc = vt{};
       Acc tail = 0;
       for (int64_t j = 0; j < k; ++j) {

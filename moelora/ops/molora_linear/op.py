@@ -335,14 +335,15 @@ def molora_linear(
     d_in = x.shape[-1]
     d_out = weight.shape[0]
     k = expert_indices.shape[-1]
-    x2 = x.reshape(-1, d_in)
+    # reshape is a dispatcher call even when it changes nothing (~1 us each at decode sizes)
+    x2 = x if x.dim() == 2 else x.reshape(-1, d_in)
     if x2.shape[0] == 0:
         # Nothing to route, but the op stays in the autograd graph (zero gradients for the
         # adapters and gates: under DDP a rank with an empty batch must still produce them).
         # The torch backend serves it: every kernel of the others assumes at least one row.
         backend = "torch"
-    ids = expert_indices.reshape(-1, k)
-    gates = expert_weights.reshape(-1, k)
+    ids = expert_indices if expert_indices.dim() == 2 else expert_indices.reshape(-1, k)
+    gates = expert_weights if expert_weights.dim() == 2 else expert_weights.reshape(-1, k)
     acc = accumulate_dtype(x.dtype, lora_a.dtype)
     args = (
         x2.contiguous(),
@@ -355,7 +356,8 @@ def molora_linear(
         scaling,
     )
     if _eager_native(backend, args[:7]):
-        return torch.ops.moelora.molora_linear_native(*args).reshape(*lead, d_out)
+        y = torch.ops.moelora.molora_linear_native(*args)
+        return y if len(lead) == 1 else y.reshape(*lead, d_out)
     try:
         y, _, _ = torch.ops.moelora.molora_linear_fwd(*args, backend)
     except Exception as exc:
