@@ -13,6 +13,7 @@ The contestants of the core op (docs/spec.md §1), all on the same inputs:
     reference loop  moelora.reference.molora_linear_ref, eager (docs/perf.md's CPU target's yardstick)
     dense masked    every expert on every token, masked by the gates: three GEMMs
     compile(ref)    torch.compile of moelora.reference.molora_linear_ref
+    compile(dense)  torch.compile of dense masked (issue 18's fastest peer at T=1024 forward)
     peft            PEFT's own LoRA layer: plain LoRA (E = 1), and mixed-adapter batches
     moelora:<name>  moelora.molora_linear(..., backend=<name>) for each backend of the device
 
@@ -334,6 +335,7 @@ def _molora_contestants(device: torch.device, dtype: torch.dtype, backends: tupl
         Contestant("reference loop", _call(molora_linear_ref, _molora_grads)),
         Contestant("dense masked", _call(dense_masked, _molora_grads)),
         Contestant("compile(ref)", _compiled(molora_linear_ref, _molora_grads)),
+        Contestant("compile(dense)", _compiled(dense_masked, _molora_grads)),
         Contestant("peft", _peft_setup, capturable=False),  # mixed batches index with lists
     ]
     return contestants + _backend_contestants("molora_linear", moelora.molora_linear, _molora_grads,

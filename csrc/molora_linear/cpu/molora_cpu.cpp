@@ -369,7 +369,7 @@ void run_expand_direct(const cpu::KernelTable& kt, const Tensor& B, const Tensor
   cpu::ExpandDirectArgs a{dtype_of(Z), dtype_of(B), dtype_of(Y), B.data_ptr(), Z.data_ptr(),
                           idx.data_ptr<int64_t>(), Y.data_ptr(), r, n, k, cols};
   const int64_t items = T * ceil_div(n, cols);
-  // each item streams its k slots' rows of B: T * k < E, so experts are rarely shared
+  // each item streams its k slots' rows of B (at most kDirectMaxSlotsPerExpert slots share one)
   at::parallel_for(0, items, grain_for(k * r * std::min(n, cols), kMinStreamingTaskMacs),
                    [&](int64_t b, int64_t e) { kt.expand_direct(a, b, e); });
 }
@@ -459,10 +459,11 @@ void scale_slots(Tensor& h, const Tensor& gates, const Tensor& idx, double scali
 // MKL / oneDNN: with bf16 on AMX those GEMMs run ~3.6x faster than fp32 FMA kernels can, and at
 // small T they skip the kernels' per-call layout of trainable adapters. Same precision rules as
 // the torch backend (matmuls in the operands' shared dtype, fp32 accumulation inside them).
+// In fp32 the routed kernels won every interleaved measurement (T = 4 to 1024, forward and
+// training, by 10-25%), so auto routes fp32 through them; bf16 goes dense on bf16 hardware.
 constexpr int64_t kDenseMinTokensBf16 = 4;
-constexpr int64_t kDenseMinTokensF32 = 4;
-constexpr int64_t kDenseMaxTokensF32 = 128;
 constexpr int64_t kDenseMaxExpertsPerSlot = 4;
+constexpr int64_t kDirectMaxSlotsPerExpert = 8;
 
 enum class Route : int { automatic = 0, dense = 1, routed = 2 };
 std::atomic<int> g_route{static_cast<int>(Route::automatic)};
@@ -475,20 +476,21 @@ const char* route_name(Route r) {
   }
 }
 
-// Measured choice (benchmarks/NOTES.md, "CPU routes"): thresholds below.
-bool dense_by_cost(bool bf16_matmul, int64_t T, int64_t E, int64_t k) {
-  if (bf16_matmul) return T >= kDenseMinTokensBf16 && E <= kDenseMaxExpertsPerSlot * k;
-  return T >= kDenseMinTokensF32 && T <= kDenseMaxTokensF32 && E <= kDenseMaxExpertsPerSlot * k;
+// Measured choice (benchmarks/NOTES.md, "CPU routes"): thresholds above.
+// A forward whose expand reads B as stored (direct_expand) beat the dense GEMMs in bf16 too.
+bool dense_by_cost(bool bf16_matmul, bool direct, int64_t T, int64_t E, int64_t k) {
+  return bf16_matmul && !direct && T >= kDenseMinTokensBf16 && E <= kDenseMaxExpertsPerSlot * k;
 }
 
+// `direct`: the routed forward would take expand_direct (the backward passes false).
 bool dense_route(const Tensor& x, const Tensor& lora_a, int64_t T, int64_t E, int64_t k,
-                 at::ScalarType acc) {
+                 at::ScalarType acc, bool direct) {
   const at::ScalarType st = x.scalar_type();
   if (acc != at::kFloat || lora_a.scalar_type() != st || (st != at::kFloat && st != at::kBFloat16))
     return false;
   const Route route = static_cast<Route>(g_route.load(std::memory_order_relaxed));
   if (route != Route::automatic) return route == Route::dense;
-  return dense_by_cost(st == at::kBFloat16 && cpu::has_bf16_matmul(), T, E, k);
+  return dense_by_cost(st == at::kBFloat16 && cpu::has_bf16_matmul(), direct, T, E, k);
 }
 
 // B_all [d_out, E r]: column e r + i is B_e[:, i] (one copy of the adapter per call).
@@ -629,7 +631,13 @@ std::tuple<Tensor, Tensor> cpu_forward(const Tensor& x, const Tensor& weight,
   const Tensor idx = expert_indices.contiguous();
   const cpu::KernelTable& kt = cpu::kernel_table(active_isa());
   check_expert_range(idx, E);
-  if (dense_route(x, lora_a, T, E, k, acc)) {
+  // Adapters that cannot be cached (trainable, inference tensors) with up to
+  // kDirectMaxSlotsPerExpert slots an expert: B is read as stored by expand_direct instead of
+  // being laid out in panels per call (T = 4-32 at E = 8, k = 2: 1.1-1.2x base against
+  // 1.3-1.6x with the per-call layout, fp32; the panels win from ~16 slots an expert).
+  const bool direct =
+      !(cacheable(lora_a) && cacheable(lora_b)) && T * k <= kDirectMaxSlotsPerExpert * E;
+  if (dense_route(x, lora_a, T, E, k, acc, direct)) {
     return dense_forward(x, weight, bias, lora_a.contiguous(), lora_b.contiguous(), idx,
                          expert_weights.contiguous(), scaling);
   }
@@ -637,9 +645,6 @@ std::tuple<Tensor, Tensor> cpu_forward(const Tensor& x, const Tensor& weight,
   Tensor y = at::linear(x, weight, bias);  // [T, d_out], x.dtype
   Tensor h = at::empty({T, k, r}, expert_weights.options());
 
-  // Few tokens with adapters that cannot be cached (trainable, inference tensors): B is read
-  // as stored by expand_direct instead of being laid out in panels per call.
-  const bool direct = !(cacheable(lora_a) && cacheable(lora_b)) && T * k < E;
   const Tensor A = adapter_as_read(lora_a, acc);
   const Routing rt = sort_slots(idx, E);  // also checks the ids' range
   if (rt.order.empty()) return {y, h.zero_()};
@@ -668,7 +673,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> cpu_backward(
               "moelora: h must be [T, k, r]");
   const at::ScalarType acc = expert_weights.scalar_type();
   const Tensor idx = expert_indices.contiguous();
-  if (dense_route(x, lora_a, T, E, k, acc)) {
+  if (dense_route(x, lora_a, T, E, k, acc, /*direct=*/false)) {
     check_expert_range(idx, E);
     return dense_backward(grad_out.contiguous(), x.contiguous(), weight.contiguous(),
                           lora_a.contiguous(), lora_b.contiguous(), idx,
