@@ -63,6 +63,7 @@ def report() -> str:
     if loaded:
         ext = extension.module()
         lines.append(f"  cpu isa        {ext.cpu_isa()} (compiled: {ext.compiled_cpu_isas()})")
+        lines.append(f"  cpu route      {ext.cpu_route()}")
         lines.append(f"  with cuda      {ext.with_cuda}")
     info = build_info()
     if info:

@@ -13,6 +13,8 @@ Run-time switches of the extension (build switches: see setup.py):
     MOELORA_DISABLE_EXTENSION=1   do not load it
     MOELORA_CPU_ISA               cap the CPU kernels' instruction set: avx512, avx2 or base
                                   (default: the best the CPU has; `_C.set_cpu_isa` at run time)
+    MOELORA_CPU_ROUTE             the cpu backend's route: routed or dense (default auto: per call,
+                                  from measured thresholds; `_C.set_cpu_route` at run time)
     MOELORA_CUDA_DECODE_MAX_T     largest T served by the one-launch decode kernel (default 64)
 """
 from __future__ import annotations

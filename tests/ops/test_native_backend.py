@@ -8,6 +8,10 @@ set (AVX-512, AVX2, baseline SSE2); each set this machine runs is tested.
 """
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -245,11 +249,20 @@ def test_cpu_route_switch():
     previous = _C.set_cpu_route("dense")
     try:
         assert _C.cpu_route() == "dense"
-        with pytest.raises(RuntimeError, match="unknown CPU route"):
+        with pytest.raises(ValueError, match="unknown CPU route 'sideways'"):
             _C.set_cpu_route("sideways")
     finally:
         _C.set_cpu_route(previous)
     assert _C.cpu_route() == previous
+
+
+@pytest.mark.parametrize("value, expected", [("dense", "dense"), ("routed", "routed"), ("", "auto")])
+def test_cpu_route_from_environment(value, expected):
+    """MOELORA_CPU_ROUTE is read once, at the first call that needs the route (a fresh process)."""
+    code = "from moelora.ops import extension; extension.load(); print(extension.module().cpu_route())"
+    env = {**os.environ, "MOELORA_CPU_ROUTE": value}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == expected
 
 
 def test_cpu_dense_route_skips_frozen_adapter_gradients():

@@ -466,7 +466,25 @@ constexpr int64_t kDenseMaxExpertsPerSlot = 4;
 constexpr int64_t kDirectMaxSlotsPerExpert = 8;
 
 enum class Route : int { automatic = 0, dense = 1, routed = 2 };
-std::atomic<int> g_route{static_cast<int>(Route::automatic)};
+std::atomic<int> g_route{-1};  // -1: not read yet from MOELORA_CPU_ROUTE
+
+Route parse_route(const std::string& name) {
+  if (name == "auto") return Route::automatic;
+  if (name == "dense") return Route::dense;
+  if (name == "routed") return Route::routed;
+  TORCH_CHECK_VALUE(false, "moelora: unknown CPU route '", name,
+                    "', expected 'auto', 'dense' or 'routed' (MOELORA_CPU_ROUTE / set_cpu_route)");
+}
+
+Route active_route() {
+  int v = g_route.load(std::memory_order_relaxed);
+  if (v < 0) {
+    const char* env = std::getenv("MOELORA_CPU_ROUTE");
+    v = static_cast<int>(env != nullptr && env[0] != '\0' ? parse_route(env) : Route::automatic);
+    g_route.store(v, std::memory_order_relaxed);
+  }
+  return static_cast<Route>(v);
+}
 
 const char* route_name(Route r) {
   switch (r) {
@@ -488,7 +506,7 @@ bool dense_route(const Tensor& x, const Tensor& lora_a, int64_t T, int64_t E, in
   const at::ScalarType st = x.scalar_type();
   if (acc != at::kFloat || lora_a.scalar_type() != st || (st != at::kFloat && st != at::kBFloat16))
     return false;
-  const Route route = static_cast<Route>(g_route.load(std::memory_order_relaxed));
+  const Route route = active_route();
   if (route != Route::automatic) return route == Route::dense;
   return dense_by_cost(st == at::kBFloat16 && cpu::has_bf16_matmul(), direct, T, E, k);
 }
@@ -593,16 +611,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> dense_backward(
 }
 }  // namespace
 
-std::string cpu_route() { return route_name(static_cast<Route>(g_route.load())); }
+std::string cpu_route() { return route_name(active_route()); }
 
 std::string set_cpu_route(const std::string& name) {
   const std::string previous = cpu_route();
-  Route route;
-  if (name == "auto") route = Route::automatic;
-  else if (name == "dense") route = Route::dense;
-  else if (name == "routed") route = Route::routed;
-  else TORCH_CHECK(false, "moelora: unknown CPU route '", name, "', expected 'auto', 'dense' or 'routed'");
-  g_route.store(static_cast<int>(route));
+  g_route.store(static_cast<int>(parse_route(name)));
   return previous;
 }
 
