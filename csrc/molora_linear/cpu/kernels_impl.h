@@ -281,6 +281,32 @@ template <int Bn, int L, typename V> static inline void fold_columns(V* v) {
   if constexpr (Bn > 1) fold_columns<Bn / 2, L>(v);
 }
 
+// Partial sums of the W output columns from c of one token: acc[q] over the vector part of the
+// ranks, tail[q] over the rest. Ranks outer, columns inner: the unrolled inner loop is one
+// load-multiply-add each.
+template <typename Acc, typename Tm, int W>
+static inline void direct_columns(const Tm* M, const Acc* Zt, const int64_t* ids, int64_t k,
+                                  int64_t r, int64_t n, int64_t c, typename Vec<Acc>::type* acc,
+                                  Acc* tail) {
+  typedef typename Vec<Acc>::type vt;
+  constexpr int L = Vec<Acc>::L;
+  const int64_t rv = r / L * L;
+  for (int q = 0; q < W; ++q) acc[q] = vt{}, tail[q] = 0;
+  for (int64_t j = 0; j < k; ++j) {
+    const int64_t e = ids[j];
+    if (e < 0) continue;
+    const Tm* rows = M + (e * n + c) * r;
+    const Acc* z = Zt + j * r;
+    int64_t i = 0;
+    for (; i < rv; i += L) {
+      const vt zv = loadu<vt>(z + i);
+      for (int q = 0; q < W; ++q) acc[q] += Lanes<Acc, Tm>::load(rows + q * r + i) * zv;
+    }
+    for (; i < r; ++i)
+      for (int q = 0; q < W; ++q) tail[q] += to_acc<Acc>(rows[q * r + i]) * z[i];
+  }
+}
+
 template <typename Acc, typename Tm, typename Ty>
 static void expand_direct_impl(const ExpandDirectArgs& a, int64_t item_begin, int64_t item_end) {
   typedef typename Vec<Acc>::type vt;
@@ -289,7 +315,6 @@ static void expand_direct_impl(const ExpandDirectArgs& a, int64_t item_begin, in
   const Acc* Z = static_cast<const Acc*>(a.Z);
   Ty* Y = static_cast<Ty*>(a.Y);
   const int64_t r = a.r, n = a.n, k = a.k, cols = a.cols_per_item;
-  const int64_t rv = r / L * L;
   const int64_t blocks = (n + cols - 1) / cols;
   for (int64_t it = item_begin; it < item_end; ++it) {
     const int64_t t = it / blocks, c_begin = it % blocks * cols;
@@ -301,36 +326,14 @@ static void expand_direct_impl(const ExpandDirectArgs& a, int64_t item_begin, in
     for (; c + L <= c_end; c += L) {
       vt acc[L];
       Acc tail[L];
-      for (int q = 0; q < L; ++q) acc[q] = vt{}, tail[q] = 0;
-      for (int64_t j = 0; j < k; ++j) {
-        const int64_t e = ids[j];
-        if (e < 0) continue;
-        const Tm* rows = M + (e * n + c) * r;
-        const Acc* z = Zt + j * r;
-        // ranks outer, columns inner: the unrolled inner loop is one load-multiply-add each
-        int64_t i = 0;
-        for (; i < rv; i += L) {
-          const vt zv = loadu<vt>(z + i);
-          for (int q = 0; q < L; ++q) acc[q] += Lanes<Acc, Tm>::load(rows + q * r + i) * zv;
-        }
-        for (; i < r; ++i)
-          for (int q = 0; q < L; ++q) tail[q] += to_acc<Acc>(rows[q * r + i]) * z[i];
-      }
+      direct_columns<Acc, Tm, L>(M, Zt, ids, k, r, n, c, acc, tail);
       fold_columns<L / 2, L>(acc);
       Lanes<Acc, Ty>::store(yt + c, Lanes<Acc, Ty>::load(yt + c) + acc[0] + loadu<vt>(tail));
     }
     for (; c < c_end; ++c) {
-      vt acc = vt{};
-      Acc tail = 0;
-      for (int64_t j = 0; j < k; ++j) {
-        const int64_t e = ids[j];
-        if (e < 0) continue;
-        const Tm* row = M + (e * n + c) * r;
-        const Acc* z = Zt + j * r;
-        int64_t i = 0;
-        for (; i < rv; i += L) acc += Lanes<Acc, Tm>::load(row + i) * loadu<vt>(z + i);
-        for (; i < r; ++i) tail += to_acc<Acc>(row[i]) * z[i];
-      }
+      vt acc;
+      Acc tail;
+      direct_columns<Acc, Tm, 1>(M, Zt, ids, k, r, n, c, &acc, &tail);
       yt[c] = from_acc<Ty>(to_acc<Acc>(yt[c]) + (hsum<Acc>(acc) + tail));
     }
   }
