@@ -119,7 +119,7 @@ def check(T, d_in, d_out, E, r, k, dtype, adapter_dtype=None, routing="topk", bi
 
 
 # (T, d_in, d_out, E, r, k): sizes of 1, sizes just past a vector / panel boundary (63, 65,
-# 130), ranks not a multiple of the register block, k from 1 to E. T * k < E with trainable
+# 130), ranks not a multiple of the register block, k from 1 to E. T * k <= 8 E with trainable
 # adapters is the direct decode expand: d_out past whole vector blocks, r under / past a vector.
 SHAPES = [
     (1, 1, 1, 1, 1, 1),
@@ -372,7 +372,7 @@ def test_cpu_cache_new_tensor_same_values_layout_is_fresh(route):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_cpu_small_T(isa, route, T, inference, dtype):
     """Decode sizes: the serial path (no parallel region), cached layouts, and under inference
-    mode (no version counter) the used experts only; unrouted slots included."""
+    mode (inference tensors are never cached) the direct expand; unrouted slots included."""
     x, w, b, a, bb, ids, g = make_inputs(T, 96, 160, 8, 16, 2)
     ids[0, 1] = -1
     x, w, b, a, bb = (t.to(dtype) for t in (x, w, b, a, bb))

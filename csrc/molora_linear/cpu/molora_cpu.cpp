@@ -460,7 +460,8 @@ void scale_slots(Tensor& h, const Tensor& gates, const Tensor& idx, double scali
 // small T they skip the kernels' per-call layout of trainable adapters. Same precision rules as
 // the torch backend (matmuls in the operands' shared dtype, fp32 accumulation inside them).
 // In fp32 the routed kernels won every interleaved measurement (T = 4 to 1024, forward and
-// training, by 10-25%), so auto routes fp32 through them; bf16 goes dense on bf16 hardware.
+// training, by 10-25%, on a 2-core AMD EPYC), so auto routes fp32 through them; bf16 goes
+// dense on bf16 hardware.
 constexpr int64_t kDenseMinTokensBf16 = 4;
 constexpr int64_t kDenseMaxExpertsPerSlot = 4;
 constexpr int64_t kDirectMaxSlotsPerExpert = 8;
@@ -495,7 +496,7 @@ const char* route_name(Route r) {
 }
 
 // Measured choice (benchmarks/NOTES.md, "CPU routes"): thresholds above.
-// A forward whose expand reads B as stored (direct_expand) beat the dense GEMMs in bf16 too.
+// A forward whose expand reads B as stored (expand_direct) beat the dense GEMMs in bf16 too.
 bool dense_by_cost(bool bf16_matmul, bool direct, int64_t T, int64_t E, int64_t k) {
   return bf16_matmul && !direct && T >= kDenseMinTokensBf16 && E <= kDenseMaxExpertsPerSlot * k;
 }
