@@ -34,7 +34,7 @@ _C = extension.module()
 
 def _supported_isas() -> list[str]:
     best = _C.cpu_isa()
-    order = ["base", "avx2", "avx512"]
+    order = ["base", "avx2", "avx512", "avx512bf16"]
     compiled = _C.compiled_cpu_isas().split(",")
     return [isa for isa in order[: order.index(best) + 1] if isa in compiled]
 
@@ -130,6 +130,8 @@ SHAPES = [
     (1, 65, 1, 5, 1, 3),
     (17, 1, 63, 1, 3, 1),
     (33, 130, 70, 5, 16, 4),
+    # past the direct decode expand: the panels (bf16: rank pairs, an odd rank padded)
+    (40, 97, 130, 3, 5, 2),
 ]
 
 
@@ -160,9 +162,10 @@ def test_cpu_no_bias_no_grad_x(route):
     check(17, 65, 63, 5, 3, 2, torch.float32, bias=False, need_x=False)
 
 
-def test_cpu_larger_shape(route):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cpu_larger_shape(route, dtype):
     # A real-ish layer: several panels and register blocks in every dimension, E*r = 128.
-    check(96, 256, 320, 8, 16, 2, torch.float32)
+    check(96, 256, 320, 8, 16, 2, dtype)
 
 
 def test_cpu_deterministic(route):

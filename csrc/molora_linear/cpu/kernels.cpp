@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 #include <utility>  // std::integer_sequence (kernels_impl.h)
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && \
@@ -19,6 +20,39 @@
 #endif
 
 #ifdef MOELORA_MULTI_ISA
+#include <immintrin.h>  // the AVX-512 BF16 intrinsics, usable under the target pragma below
+
+// GCC 12's AVX-512 intrinsics start from _mm512_undefined_*() and warn about it once inlined.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
+// AVX-512 with bf16 dot products: the AVX-512 copy, plus vdpbf16ps kernels for bf16 x bf16.
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c,bmi,bmi2")
+#define MOELORA_NS avx512bf16
+#define MOELORA_VB 64
+#define MOELORA_SHRINK_TB 4
+#define MOELORA_SHRINK_RB 4
+#define MOELORA_EXPAND_NV 4
+#define MOELORA_OUTER_RI 8
+#define MOELORA_OUTER_NV 2
+#define MOELORA_DPBF16 1
+#include "kernels_impl.h"
+namespace moelora { namespace cpu { namespace avx512bf16 {
+const KernelTable kTable = {"avx512bf16", VB, shrink_entry, expand_entry, expand_direct_entry,
+                            outer_entry, expand_pairs_entry, outer_pairs_entry};
+}}}  // namespace moelora::cpu::avx512bf16
+#undef MOELORA_NS
+#undef MOELORA_VB
+#undef MOELORA_SHRINK_TB
+#undef MOELORA_SHRINK_RB
+#undef MOELORA_EXPAND_NV
+#undef MOELORA_OUTER_RI
+#undef MOELORA_OUTER_NV
+#undef MOELORA_DPBF16
+#pragma GCC pop_options
+
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,bmi,bmi2")
 #define MOELORA_NS avx512
@@ -30,7 +64,8 @@
 #define MOELORA_OUTER_NV 2
 #include "kernels_impl.h"
 namespace moelora { namespace cpu { namespace avx512 {
-const KernelTable kTable = {"avx512", VB, shrink_entry, expand_entry, expand_direct_entry, outer_entry};
+const KernelTable kTable = {"avx512", VB, shrink_entry, expand_entry, expand_direct_entry, outer_entry,
+                            nullptr, nullptr};
 }}}  // namespace moelora::cpu::avx512
 #undef MOELORA_NS
 #undef MOELORA_VB
@@ -52,7 +87,8 @@ const KernelTable kTable = {"avx512", VB, shrink_entry, expand_entry, expand_dir
 #define MOELORA_OUTER_NV 2
 #include "kernels_impl.h"
 namespace moelora { namespace cpu { namespace avx2 {
-const KernelTable kTable = {"avx2", VB, shrink_entry, expand_entry, expand_direct_entry, outer_entry};
+const KernelTable kTable = {"avx2", VB, shrink_entry, expand_entry, expand_direct_entry, outer_entry,
+                            nullptr, nullptr};
 }}}  // namespace moelora::cpu::avx2
 #undef MOELORA_NS
 #undef MOELORA_VB
@@ -62,6 +98,7 @@ const KernelTable kTable = {"avx2", VB, shrink_entry, expand_entry, expand_direc
 #undef MOELORA_OUTER_RI
 #undef MOELORA_OUTER_NV
 #pragma GCC pop_options
+#pragma GCC diagnostic pop
 #endif  // MOELORA_MULTI_ISA
 
 // Baseline copy: SSE2 on x86-64, NEON on aarch64, whatever the compiler targets elsewhere.
@@ -74,7 +111,8 @@ const KernelTable kTable = {"avx2", VB, shrink_entry, expand_entry, expand_direc
 #define MOELORA_OUTER_NV 2
 #include "kernels_impl.h"
 namespace moelora { namespace cpu { namespace base {
-const KernelTable kTable = {"base", VB, shrink_entry, expand_entry, expand_direct_entry, outer_entry};
+const KernelTable kTable = {"base", VB, shrink_entry, expand_entry, expand_direct_entry, outer_entry,
+                            nullptr, nullptr};
 }}}  // namespace moelora::cpu::base
 
 namespace moelora {
@@ -95,7 +133,7 @@ Isa detect_isa() {
   const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   if (avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
-    return Isa::avx512;
+    return __builtin_cpu_supports("avx512bf16") ? Isa::avx512bf16 : Isa::avx512;
   if (avx2) return Isa::avx2;
 #endif
   return Isa::base;
@@ -103,6 +141,7 @@ Isa detect_isa() {
 
 const KernelTable& kernel_table(Isa isa) {
 #ifdef MOELORA_MULTI_ISA
+  if (isa == Isa::avx512bf16) return avx512bf16::kTable;
   if (isa == Isa::avx512) return avx512::kTable;
   if (isa == Isa::avx2) return avx2::kTable;
 #else
@@ -113,7 +152,7 @@ const KernelTable& kernel_table(Isa isa) {
 
 const char* compiled_isas() {
 #ifdef MOELORA_MULTI_ISA
-  return "avx512,avx2,base";
+  return "avx512bf16,avx512,avx2,base";
 #else
   return "base";
 #endif

@@ -23,7 +23,8 @@
 namespace moelora {
 namespace cpu {
 
-enum class Isa : int { base = 0, avx2 = 1, avx512 = 2 };
+// avx512bf16: the AVX-512 copy whose bf16 x bf16 kernels multiply on vdpbf16ps (AVX-512 BF16).
+enum class Isa : int { base = 0, avx2 = 1, avx512 = 2, avx512bf16 = 3 };
 
 // Expand reads its adapter in column panels of kPanel values: [ceil(n / kPanel), E, r, kPanel],
 // zero-padded. In the plain [E, r, n] layout the E * r rows of one column block lie a
@@ -85,9 +86,44 @@ struct OuterArgs {
   const void* X;          // [T, n]
   void* G;                // [E, r, n], fully written (zeros for experts without slots)
   const int64_t* order;
+  const int64_t* tokens;  // order[i] / k: X's row of each slot (no division per slot and tile)
   const int64_t* offsets; // [E + 1]
   int64_t E, r, n, k;
   int64_t cols_per_item;  // item = (column block, expert), expert fastest
+};
+
+// bf16 pair layouts of the AVX-512 BF16 kernels. vdpbf16ps multiplies pairs of bf16 (the two
+// halves of a 32-bit lane) and adds both products to an fp32 lane, so the reduction index must
+// sit in adjacent pairs: the rank for expand (the panel's two ranks of a column side by side,
+// the slot's z as pairs of ranks), the slot for outer (two slots' rows interleaved in
+// registers, their z values paired once per call).
+//
+// expand_pairs: Y_t[c] += sum_j sum_p <Mp_{e(t,j)}[p, c], Zp[t, j, p]> over rank pairs p.
+// rp, the number of rank pairs, is rounded up to kRankPairsAlign (zero ranks): the kernel keeps
+// that many independent sets of accumulators.
+constexpr int64_t kRankPairsAlign = 2;
+struct ExpandPairsArgs {
+  const uint16_t* M;    // panels [ceil(n / kPanel), E, rp, kPanel, 2], bf16, zero-padded
+  const uint32_t* Z;    // [T * k, rp]: (z[2p], z[2p + 1]) as bf16 in the low / high half
+  const int64_t* idx;   // [T, k], -1 = no expert
+  uint16_t* Y;          // [T, n] bf16, updated in place
+  int64_t T, E, rp, n, k;   // rp = ceil(r / 2) rounded up to kRankPairsAlign
+  int64_t tokens_per_item, cols_per_item;  // as ExpandArgs
+  int64_t num_token_blocks;
+};
+
+// outer_pairs: G_e[i, c] = sum over slots s of e of z[s, i] X_t(s)[c], slots taken in pairs.
+struct OuterPairsArgs {
+  const uint32_t* Z;         // [pairs, r]: pair q of expert e (row pair_offsets[e] + q) holds
+                             // z of slots order[offsets[e] + 2q] (low) and + 2q + 1 (high, 0
+                             // past an odd count)
+  const uint16_t* X;         // [T, n] bf16
+  float* G;                  // [E, r, n], fully written
+  const int64_t* tokens;     // order[i] / k, as OuterArgs
+  const int64_t* offsets;       // [E + 1]
+  const int64_t* pair_offsets;  // [E + 1]
+  int64_t E, r, n, k;
+  int64_t cols_per_item;
 };
 
 struct KernelTable {
@@ -97,6 +133,9 @@ struct KernelTable {
   void (*expand)(const ExpandArgs&, int64_t item_begin, int64_t item_end);
   void (*expand_direct)(const ExpandDirectArgs&, int64_t item_begin, int64_t item_end);
   void (*outer)(const OuterArgs&, int64_t item_begin, int64_t item_end);
+  // Only in the avx512bf16 table (nullptr elsewhere): bf16 x bf16 on the pair layouts above.
+  void (*expand_pairs)(const ExpandPairsArgs&, int64_t item_begin, int64_t item_end);
+  void (*outer_pairs)(const OuterPairsArgs&, int64_t item_begin, int64_t item_end);
 };
 
 // Best instruction set this CPU (and build) supports.
@@ -106,7 +145,7 @@ Isa detect_isa();
 bool has_bf16_matmul();
 // Kernels for `isa`; falls back to a lower set when `isa` was not compiled in.
 const KernelTable& kernel_table(Isa isa);
-// Instruction sets compiled into this build, best first, as names ("avx512", "avx2", "base").
+// Instruction sets compiled into this build, best first, as names ("avx512bf16", ..., "base").
 const char* compiled_isas();
 
 }  // namespace cpu

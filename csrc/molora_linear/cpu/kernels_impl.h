@@ -6,6 +6,7 @@
 //   MOELORA_EXPAND_NV    vectors of columns per expand register block
 //   MOELORA_OUTER_RI     ranks per outer register block
 //   MOELORA_OUTER_NV     vectors of columns per outer register block
+//   MOELORA_DPBF16       defined: AVX-512 BF16 copy (bf16 x bf16 products on vdpbf16ps)
 // The register blocks are sized to the register file: AVX-512 has 32 vector registers, AVX2 and
 // SSE 16, and each block keeps TB*RB (or RI*NV) accumulators plus its loads live.
 //
@@ -76,7 +77,16 @@ template <typename Acc> struct Lanes<Acc, Acc> {
 };
 template <> struct Lanes<float, uint16_t> {
   static inline vf load(const uint16_t* p) {
+    // GCC lowers the generic widening of 16 lanes to two half-width zero-extensions, an insert
+    // and a store / reload of the vector through the stack (seen in the compiled AVX-512
+    // kernels); one vpmovzxwd is what it should be.
+#if MOELORA_VB == 64
+    vu32 w = (vu32)_mm512_cvtepu16_epi32((__m256i)loadu<vu16>(p)) << 16;
+#elif MOELORA_VB == 32
+    vu32 w = (vu32)_mm256_cvtepu16_epi32((__m128i)loadu<vu16>(p)) << 16;
+#else
     vu32 w = __builtin_convertvector(loadu<vu16>(p), vu32) << 16;
+#endif
     return (vf)w;
   }
   static inline void store(uint16_t* p, vf v) {
@@ -113,9 +123,61 @@ template <typename Acc> static inline Acc hsum(typename Vec<Acc>::type v) {
 // shrink: out[slot, i] = <M_e[i, :], X_t>, NT slots of one expert by NR ranks in registers.
 // Per vector step NT + NR loads feed NT * NR multiply-adds.
 // ------------------------------------------------------------------------------------------
+#ifdef MOELORA_DPBF16
+// Accumulators are vf (plain GCC vectors), not __m512: __m512 is declared may_alias, so GCC
+// could not keep arrays of it in registers across the loops' loads and stored every
+// accumulator to the stack on every iteration (seen in the compiled outer tile).
+static inline vf dot_pairs(vf acc, __m512i a, __m512i b) {
+  return (vf)_mm512_dpbf16_ps((__m512)acc, (__m512bh)a, (__m512bh)b);
+}
+
+static inline __mmask32 first_words(int64_t count) {  // mask of the first min(count, 32) words
+  return count >= 32 ? ~__mmask32(0) : (__mmask32(1) << count) - 1;
+}
+
+// 64-byte load as a plain GCC vector: the masked-load intrinsics are opaque memory references
+// to GCC, and with one inside a loop it kept every accumulator array in memory (a stack store
+// per accumulator per iteration, seen in the compiled code); so only loop tails use them.
+static inline __m512i load64(const void* p) { return (__m512i)loadu<vu32>(p); }
+
+// One step of shrink_block_pairs: 32 elements of NT tokens by NR ranks.
+template <int NT, int NR, bool Masked>
+static inline void shrink_step_pairs(vf (&acc)[NT][NR], const uint16_t* const* xs,
+                                     const uint16_t* const* rows, int64_t c, __mmask32 m) {
+  __m512i xv[NT];
+  for (int t = 0; t < NT; ++t) xv[t] = Masked ? _mm512_maskz_loadu_epi16(m, xs[t] + c) : load64(xs[t] + c);
+  for (int q = 0; q < NR; ++q) {
+    const __m512i mv = Masked ? _mm512_maskz_loadu_epi16(m, rows[q] + c) : load64(rows[q] + c);
+    for (int t = 0; t < NT; ++t) acc[t][q] = dot_pairs(acc[t][q], xv[t], mv);
+  }
+}
+
+// bf16 x bf16 shrink: 32 elements (16 pairs) per vdpbf16ps, the tail as one masked step.
+template <int NT, int NR>
+static inline void shrink_block_pairs(const uint16_t* __restrict Me, const uint16_t* const* xs,
+                                      float* const* outs, int64_t i0, int64_t n) {
+  vf acc[NT][NR];
+  for (int t = 0; t < NT; ++t)
+    for (int q = 0; q < NR; ++q) acc[t][q] = vf{};
+  const uint16_t* rows[NR];
+  for (int q = 0; q < NR; ++q) rows[q] = Me + (i0 + q) * n;
+  int64_t c = 0;
+  for (; c + 32 <= n; c += 32) shrink_step_pairs<NT, NR, false>(acc, xs, rows, c, 0);
+  if (c < n) shrink_step_pairs<NT, NR, true>(acc, xs, rows, c, first_words(n - c));
+  for (int t = 0; t < NT; ++t)
+    for (int q = 0; q < NR; ++q) outs[t][i0 + q] = hsum<float>(acc[t][q]);
+}
+#endif
+
 template <typename Acc, typename Tm, typename Tx, int NT, int NR>
 static inline void shrink_block(const Tm* __restrict Me, const Tx* const* xs, Acc* const* outs,
                                 int64_t i0, int64_t n) {
+#ifdef MOELORA_DPBF16
+  if constexpr (std::is_same_v<Tm, uint16_t> && std::is_same_v<Tx, uint16_t>) {
+    shrink_block_pairs<NT, NR>(Me, xs, outs, i0, n);
+    return;
+  }
+#endif
   typedef typename Vec<Acc>::type vt;
   constexpr int L = Vec<Acc>::L;
   vt acc[NT][NR];
@@ -184,6 +246,17 @@ static void shrink_impl(const ShrinkArgs& a, int64_t item_begin, int64_t item_en
 // expand: Y_t[c .. c + NV*L) += sum_j sum_i Z[t,j,i] M_{e(t,j)}[i, c ..]. All k slots of the
 // token are summed in registers before the one read-modify-write of Y (one rounding in bf16).
 // ------------------------------------------------------------------------------------------
+// Y rows are visited a panel at a time, token after token (n elements apart): each visit is a
+// new pair of cache lines no hardware prefetcher predicts, and y, just written by the base
+// GEMM, has left L2. Measured (perf, bf16 T=1024 d=1024): 75% of expand's cycles waited on
+// those loads. A few tokens ahead hides that latency.
+constexpr int64_t kExpandPrefetch = 4;
+
+template <typename T> static inline void prefetch_row(const T* p, int64_t count) {
+  for (int64_t b = 0; b < count * int64_t(sizeof(T)); b += 64)
+    __builtin_prefetch(reinterpret_cast<const char*>(p) + b, 1);
+}
+
 // P is the column panel of this block: P[(e * r + i) * kPanel + cc], cc in [0, kPanel).
 template <typename Acc, typename Ty, int NV>
 static inline void expand_cols(const Acc* __restrict P, const Acc* __restrict Zt,
@@ -245,8 +318,10 @@ static void expand_impl(const ExpandArgs& a, int64_t item_begin, int64_t item_en
       const int64_t valid = c_end - c0 < kPanel ? c_end - c0 : kPanel;
       int64_t cc = 0;
       for (; cc + W <= valid; cc += W)
-        for (int64_t t = t_begin; t < t_end; ++t)
+        for (int64_t t = t_begin; t < t_end; ++t) {
+          if (t + kExpandPrefetch < t_end) prefetch_row(Y + (t + kExpandPrefetch) * n + c0 + cc, W);
           expand_cols<Acc, Ty, NV>(P, Z + t * k * r, a.idx + t * k, k, r, Y + t * n + c0, cc);
+        }
       for (; cc + L <= valid; cc += L)
         for (int64_t t = t_begin; t < t_end; ++t)
           expand_cols<Acc, Ty, 1>(P, Z + t * k * r, a.idx + t * k, k, r, Y + t * n + c0, cc);
@@ -348,8 +423,8 @@ constexpr int64_t kOuterPrefetch = 8;  // slots ahead: covers an L3 hit at ~10 c
 
 template <typename Acc, typename Tx, int NR, int NV>
 static inline void outer_tile(const Acc* __restrict Z, const Tx* __restrict X,
-                              const int64_t* slots, int64_t count, int64_t r, int64_t n,
-                              int64_t k, Acc* Ge, int64_t i0, int64_t c) {
+                              const int64_t* slots, const int64_t* tokens, int64_t count, int64_t r,
+                              int64_t n, Acc* Ge, int64_t i0, int64_t c) {
   typedef typename Vec<Acc>::type vt;
   constexpr int L = Vec<Acc>::L;
   vt acc[NR][NV];
@@ -357,13 +432,13 @@ static inline void outer_tile(const Acc* __restrict Z, const Tx* __restrict X,
     for (int v = 0; v < NV; ++v) acc[q][v] = vt{};
   for (int64_t s = 0; s < count; ++s) {
     const int64_t slot = slots[s];
-    const Tx* xr = X + (slot / k) * n + c;
+    const Tx* xr = X + tokens[s] * n + c;
     const Acc* zr = Z + slot * r + i0;
     // The rows are gathered by slot, which no hardware prefetcher predicts; without this the
     // loop waits on each row's cache miss (fine-grained E=64 r=8: dA + dB took 11 ms of a
     // 28 ms backward at T=1024, d=1024).
     if (s + kOuterPrefetch < count) {
-      const Tx* ahead = X + (slots[s + kOuterPrefetch] / k) * n + c;
+      const Tx* ahead = X + tokens[s + kOuterPrefetch] * n + c;
       for (int v = 0; v < NV * L * int(sizeof(Tx)); v += 64) __builtin_prefetch(reinterpret_cast<const char*>(ahead) + v);
     }
     vt xv[NV];
@@ -379,25 +454,26 @@ static inline void outer_tile(const Acc* __restrict Z, const Tx* __restrict X,
 
 template <typename Acc, typename Tx>
 static inline void outer_col_scalar(const Acc* Z, const Tx* X, const int64_t* slots,
-                                    int64_t count, int64_t r, int64_t n, int64_t k, Acc* Ge,
-                                    int64_t c) {
+                                    const int64_t* tokens, int64_t count, int64_t r, int64_t n,
+                                    Acc* Ge, int64_t c) {
   for (int64_t i = 0; i < r; ++i) {
     Acc acc = 0;
     for (int64_t s = 0; s < count; ++s) {
       const int64_t slot = slots[s];
-      acc += Z[slot * r + i] * to_acc<Acc>(X[(slot / k) * n + c]);
+      acc += Z[slot * r + i] * to_acc<Acc>(X[tokens[s] * n + c]);
     }
     Ge[i * n + c] = acc;
   }
 }
 
 template <typename Acc, typename Tx, int NV>
-static inline void outer_ranks(const Acc* Z, const Tx* X, const int64_t* slots, int64_t count,
-                               int64_t r, int64_t n, int64_t k, Acc* Ge, int64_t c) {
+static inline void outer_ranks(const Acc* Z, const Tx* X, const int64_t* slots,
+                               const int64_t* tokens, int64_t count, int64_t r, int64_t n, Acc* Ge,
+                               int64_t c) {
   int64_t i0 = 0;
   for (; i0 + OUTER_RI <= r; i0 += OUTER_RI)
-    outer_tile<Acc, Tx, OUTER_RI, NV>(Z, X, slots, count, r, n, k, Ge, i0, c);
-  for (; i0 < r; ++i0) outer_tile<Acc, Tx, 1, NV>(Z, X, slots, count, r, n, k, Ge, i0, c);
+    outer_tile<Acc, Tx, OUTER_RI, NV>(Z, X, slots, tokens, count, r, n, Ge, i0, c);
+  for (; i0 < r; ++i0) outer_tile<Acc, Tx, 1, NV>(Z, X, slots, tokens, count, r, n, Ge, i0, c);
 }
 
 template <typename Acc, typename Tx>
@@ -406,19 +482,20 @@ static void outer_impl(const OuterArgs& a, int64_t item_begin, int64_t item_end)
   const Acc* Z = static_cast<const Acc*>(a.Z);
   const Tx* X = static_cast<const Tx*>(a.X);
   Acc* G = static_cast<Acc*>(a.G);
-  const int64_t r = a.r, n = a.n, k = a.k;
+  const int64_t r = a.r, n = a.n;
   for (int64_t it = item_begin; it < item_end; ++it) {
     const int64_t cb = it / a.E, e = it % a.E;
     const int64_t c_begin = cb * a.cols_per_item;
     const int64_t c_end = c_begin + a.cols_per_item < n ? c_begin + a.cols_per_item : n;
     const int64_t* slots = a.order + a.offsets[e];
+    const int64_t* tokens = a.tokens + a.offsets[e];
     const int64_t count = a.offsets[e + 1] - a.offsets[e];
     Acc* Ge = G + e * r * n;
     int64_t c = c_begin;
     for (; c + OUTER_NV * L <= c_end; c += OUTER_NV * L)
-      outer_ranks<Acc, Tx, OUTER_NV>(Z, X, slots, count, r, n, k, Ge, c);
-    for (; c + L <= c_end; c += L) outer_ranks<Acc, Tx, 1>(Z, X, slots, count, r, n, k, Ge, c);
-    for (; c < c_end; ++c) outer_col_scalar<Acc, Tx>(Z, X, slots, count, r, n, k, Ge, c);
+      outer_ranks<Acc, Tx, OUTER_NV>(Z, X, slots, tokens, count, r, n, Ge, c);
+    for (; c + L <= c_end; c += L) outer_ranks<Acc, Tx, 1>(Z, X, slots, tokens, count, r, n, Ge, c);
+    for (; c < c_end; ++c) outer_col_scalar<Acc, Tx>(Z, X, slots, tokens, count, r, n, Ge, c);
   }
 }
 
@@ -452,6 +529,171 @@ static void outer_entry(const OuterArgs& a, int64_t b, int64_t e) {
   else if (a.xt == DType::bf16) outer_impl<float, uint16_t>(a, b, e);
   else outer_impl<float, float>(a, b, e);
 }
+
+
+#ifdef MOELORA_DPBF16
+// ------------------------------------------------------------------------------------------
+// bf16 x bf16 on the pair layouts (kernels.h: ExpandPairsArgs, OuterPairsArgs)
+// ------------------------------------------------------------------------------------------
+static inline __m512 widen_bf16(__m256i w) {  // 16 bf16 -> fp32, exact
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(w), 16));
+}
+
+static inline __m256i round_bf16(__m512 v) {  // fp32 -> bf16, nearest even, NaN -> 0x7fc0 (as c10)
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i rounded = _mm512_srli_epi32(
+      _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
+  const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)),
+                                                _mm512_set1_epi32(0x7f800000));
+  rounded = _mm512_mask_mov_epi32(rounded, nan, _mm512_set1_epi32(0x7fc0));
+  return _mm512_cvtepi32_epi16(rounded);
+}
+
+static inline __mmask16 first_lanes(int64_t count) {  // mask of the first min(count, 16) lanes
+  return count >= 16 ? __mmask16(0xffff) : count <= 0 ? __mmask16(0) : __mmask16((1u << count) - 1);
+}
+
+// Y_t[c0 + cc ..][NV * 16 columns] += the token's k slots; `valid` columns of Y exist from cc.
+// The panel is zero-padded, so only Y's accesses are masked. Rank pairs go round-robin into PS
+// sets of accumulators: with one set, each of the NV accumulators was a chain of k * rp
+// dependent vdpbf16ps and the loop ran at the instruction's latency (perf: the three dot
+// products of the loop held 30% of expand's samples), with PS * NV chains it can issue two a cycle.
+template <int NV>
+static inline void expand_pairs_cols(const uint16_t* __restrict P, const uint32_t* __restrict Zt,
+                                     const int64_t* idx_t, int64_t k, int64_t rp, uint16_t* yc,
+                                     int64_t cc, int64_t valid) {
+  constexpr int PS = kRankPairsAlign;
+  vf acc[PS][NV];
+  for (int u = 0; u < PS; ++u)
+    for (int v = 0; v < NV; ++v) acc[u][v] = vf{};
+  for (int64_t j = 0; j < k; ++j) {
+    const int64_t e = idx_t[j];
+    if (e < 0) continue;
+    const uint32_t* z = Zt + j * rp;
+    const uint16_t* row = P + (e * rp * kPanel + cc) * 2;
+    for (int64_t p = 0; p < rp; p += PS, row += PS * 2 * kPanel)  // rp % PS == 0 (kernels.h)
+      for (int u = 0; u < PS; ++u) {
+        const __m512i zz = _mm512_set1_epi32(int(z[p + u]));
+        for (int v = 0; v < NV; ++v)
+          acc[u][v] = dot_pairs(acc[u][v], zz, load64(row + u * 2 * kPanel + v * 32));
+      }
+  }
+  for (int v = 0; v < NV; ++v) {
+    const __mmask16 m = first_lanes(valid - v * 16);
+    if (m == 0) break;
+    uint16_t* yp = yc + cc + v * 16;
+    vf sum = acc[0][v];
+    for (int u = 1; u < PS; ++u) sum += acc[u][v];
+    const __m512 y = widen_bf16(_mm256_maskz_loadu_epi16(m, yp));
+    _mm256_mask_storeu_epi16(yp, m, round_bf16(_mm512_add_ps(y, (__m512)sum)));
+  }
+}
+
+static void expand_pairs_impl(const ExpandPairsArgs& a, int64_t item_begin, int64_t item_end) {
+  constexpr int NV = 4;
+  static_assert(kPanel % (NV * 16) == 0, "panel must hold whole register blocks");
+  const int64_t rp = a.rp, n = a.n, k = a.k;
+  const int64_t panel_size = a.E * rp * kPanel * 2;
+  for (int64_t it = item_begin; it < item_end; ++it) {
+    const int64_t cb = it / a.num_token_blocks, tb = it % a.num_token_blocks;
+    const int64_t c_begin = cb * a.cols_per_item;
+    const int64_t c_end = c_begin + a.cols_per_item < n ? c_begin + a.cols_per_item : n;
+    const int64_t t_begin = tb * a.tokens_per_item;
+    const int64_t t_end = t_begin + a.tokens_per_item < a.T ? t_begin + a.tokens_per_item : a.T;
+    for (int64_t c0 = c_begin; c0 < c_end; c0 += kPanel) {
+      const uint16_t* P = a.M + (c0 / kPanel) * panel_size;
+      const int64_t valid = c_end - c0 < kPanel ? c_end - c0 : kPanel;
+      for (int64_t cc = 0; cc < valid; cc += NV * 16)
+        for (int64_t t = t_begin; t < t_end; ++t) {
+          if (t + kExpandPrefetch < t_end) prefetch_row(a.Y + (t + kExpandPrefetch) * n + c0 + cc, valid - cc < NV * 16 ? valid - cc : NV * 16);
+          expand_pairs_cols<NV>(P, a.Z + t * k * rp, a.idx + t * k, k, rp, a.Y + t * n + c0, cc,
+                                valid - cc);
+        }
+    }
+  }
+}
+
+// An NR x 32 tile of G_e: per pair of slots, their two X rows interleaved by word (unpacklo /
+// unpackhi within 128-bit lanes) feed 2 NR vdpbf16ps, each 16 columns x 2 slots. The unpacks
+// leave the columns of lo / hi in the order {0-3, 8-11, 16-19, 24-27} / {4-7, 12-15, ...}: one
+// permute per output vector at the end puts them back.
+// One pair of slots into an outer_pairs_tile: their rows x0, x1 (32 columns each).
+template <int NR>
+static inline void outer_pair(vf (&acc)[2 * NR], const uint32_t* zr, __m512i x0, __m512i x1) {
+  const __m512i xl = _mm512_unpacklo_epi16(x0, x1), xh = _mm512_unpackhi_epi16(x0, x1);
+  for (int q = 0; q < NR; ++q) {
+    const __m512i zz = _mm512_set1_epi32(int(zr[q]));
+    acc[2 * q] = dot_pairs(acc[2 * q], zz, xl);
+    acc[2 * q + 1] = dot_pairs(acc[2 * q + 1], zz, xh);
+  }
+}
+
+// Full: all 32 columns from c exist (plain loads). GCC keeps the accumulators in registers
+// only with a single loop over the slots and no masked-load intrinsic in it: otherwise it
+// stored all 2 NR of them to the stack on every pair (seen in the compiled code).
+template <int NR, bool Full>
+static inline void outer_pairs_tile(const uint32_t* __restrict Zp, const uint16_t* __restrict X,
+                                    const int64_t* tokens, int64_t count, int64_t r, int64_t n,
+                                    float* Ge, int64_t i0, int64_t c) {
+  vf acc[2 * NR];  // acc[2q]: rank i0 + q on the unpacklo columns, acc[2q + 1]: on unpackhi's
+  for (int q = 0; q < 2 * NR; ++q) acc[q] = vf{};
+  const __mmask32 cm = first_words(n - c);
+  for (int64_t s = 0; s < count; s += 2) {
+    if (s + kOuterPrefetch + 1 < count) {
+      __builtin_prefetch(X + tokens[s + kOuterPrefetch] * n + c);
+      __builtin_prefetch(X + tokens[s + kOuterPrefetch + 1] * n + c);
+    }
+    // past an odd count the last slot pairs with a row of zeros (its z half is 0 too)
+    const bool second = s + 1 < count;
+    const uint16_t* r0 = X + tokens[s] * n + c;
+    const uint16_t* r1 = X + tokens[second ? s + 1 : s] * n + c;
+    const __m512i x0 = Full ? load64(r0) : _mm512_maskz_loadu_epi16(cm, r0);
+    __m512i x1 = Full ? load64(r1) : _mm512_maskz_loadu_epi16(cm, r1);
+    if (!second) x1 = _mm512_setzero_si512();
+    outer_pair<NR>(acc, Zp + (s / 2) * r + i0, x0, x1);
+  }
+  const __m512i first = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+  const __m512i second = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
+  const __mmask16 m0 = first_lanes(n - c), m1 = first_lanes(n - c - 16);
+  for (int q = 0; q < NR; ++q) {
+    float* g = Ge + (i0 + q) * n + c;
+    const __m512 lo = (__m512)acc[2 * q], hi = (__m512)acc[2 * q + 1];
+    _mm512_mask_storeu_ps(g, m0, _mm512_permutex2var_ps(lo, first, hi));
+    if (m1) _mm512_mask_storeu_ps(g + 16, m1, _mm512_permutex2var_ps(lo, second, hi));
+  }
+}
+
+template <bool Full>
+static inline void outer_pairs_ranks(const uint32_t* Zp, const uint16_t* X, const int64_t* tokens,
+                                     int64_t count, int64_t r, int64_t n, float* Ge, int64_t c) {
+  int64_t i0 = 0;
+  for (; i0 + OUTER_RI <= r; i0 += OUTER_RI)
+    outer_pairs_tile<OUTER_RI, Full>(Zp, X, tokens, count, r, n, Ge, i0, c);
+  for (; i0 < r; ++i0) outer_pairs_tile<1, Full>(Zp, X, tokens, count, r, n, Ge, i0, c);
+}
+
+static void outer_pairs_impl(const OuterPairsArgs& a, int64_t item_begin, int64_t item_end) {
+  const int64_t r = a.r, n = a.n;
+  for (int64_t it = item_begin; it < item_end; ++it) {
+    const int64_t cb = it / a.E, e = it % a.E;
+    const int64_t c_begin = cb * a.cols_per_item;
+    const int64_t c_end = c_begin + a.cols_per_item < n ? c_begin + a.cols_per_item : n;
+    const int64_t* tokens = a.tokens + a.offsets[e];
+    const int64_t count = a.offsets[e + 1] - a.offsets[e];
+    const uint32_t* Zp = a.Z + a.pair_offsets[e] * r;
+    float* Ge = a.G + e * r * n;
+    for (int64_t c = c_begin; c < c_end; c += 32) {
+      // items hold whole 32-column tiles (cols_per_item % 32 == 0) but the last: n - c masks it
+      if (c + 32 <= n) outer_pairs_ranks<true>(Zp, a.X, tokens, count, r, n, Ge, c);
+      else outer_pairs_ranks<false>(Zp, a.X, tokens, count, r, n, Ge, c);
+    }
+  }
+}
+
+static void expand_pairs_entry(const ExpandPairsArgs& a, int64_t b, int64_t e) { expand_pairs_impl(a, b, e); }
+static void outer_pairs_entry(const OuterPairsArgs& a, int64_t b, int64_t e) { outer_pairs_impl(a, b, e); }
+#endif  // MOELORA_DPBF16
 
 }  // namespace MOELORA_NS
 }  // namespace cpu

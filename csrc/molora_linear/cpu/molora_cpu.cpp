@@ -14,6 +14,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <initializer_list>
 #include <cstdlib>
 #include <list>
 #include <mutex>
@@ -33,6 +34,7 @@ std::atomic<int> g_isa{-1};
 
 const char* isa_name(cpu::Isa isa) {
   switch (isa) {
+    case cpu::Isa::avx512bf16: return "avx512bf16";
     case cpu::Isa::avx512: return "avx512";
     case cpu::Isa::avx2: return "avx2";
     default: return "base";
@@ -40,11 +42,12 @@ const char* isa_name(cpu::Isa isa) {
 }
 
 cpu::Isa parse_isa(const std::string& name) {
+  if (name == "avx512bf16") return cpu::Isa::avx512bf16;
   if (name == "avx512") return cpu::Isa::avx512;
   if (name == "avx2") return cpu::Isa::avx2;
   if (name == "base") return cpu::Isa::base;
   TORCH_CHECK(false, "moelora: unknown CPU instruction set '", name,
-              "', expected one of 'avx512', 'avx2', 'base'");
+              "', expected one of 'avx512bf16', 'avx512', 'avx2', 'base'");
 }
 
 cpu::Isa capped(cpu::Isa want) {
@@ -91,6 +94,7 @@ cpu::DType dtype_of(const Tensor& t) {
 // Slots t * k + j grouped by expert by a stable counting sort; unrouted (-1) slots dropped.
 struct Routing {
   std::vector<int64_t> order;    // [number of routed slots]
+  std::vector<int64_t> tokens;   // order[i] / k: the token (row of x, dy) of each slot
   std::vector<int64_t> offsets;  // [E + 1]
 };
 
@@ -121,6 +125,9 @@ Routing sort_slots(const Tensor& idx, int64_t E) {
     const int64_t e = p[s];
     if (e >= 0) rt.order[cursor[e]++] = s;
   }
+  const int64_t k = idx.dim() == 2 ? idx.size(1) : 1;
+  rt.tokens.resize(rt.order.size());
+  for (size_t i = 0; i < rt.order.size(); ++i) rt.tokens[i] = rt.order[i] / k;
   return rt;
 }
 
@@ -140,7 +147,7 @@ Routing sort_slots(const Tensor& idx, int64_t E) {
 // bypass version counters too: MOELORA_CPU_ADAPTER_CACHE=0 turns the cache off, and
 // `moelora._C.clear_cpu_cache()` empties it. Uncached adapters (trainable, inference tensors)
 // are re-laid out per call (only the used experts at small T).
-enum class Layout : int { acc = 0, transposed = 1, panels_b = 2, panels_a = 3 };
+enum class Layout : int { acc = 0, transposed = 1, panels_b = 2, panels_a = 3, pairs_b = 4, pairs_a = 5 };
 
 struct CacheEntry {
   c10::weak_intrusive_ptr<c10::StorageImpl> storage;
@@ -297,7 +304,7 @@ Tensor transpose_last2(const Tensor& src) {
   Tensor dst = at::empty({E, b, a}, src.options());
   constexpr int64_t kBlock = 32;
   const int64_t ab = ceil_div(a, kBlock), bb = ceil_div(b, kBlock);
-  AT_DISPATCH_FLOATING_TYPES(src.scalar_type(), "moelora_transpose", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, src.scalar_type(), "moelora_transpose", [&] {
     const scalar_t* in = src.data_ptr<scalar_t>();
     scalar_t* out = dst.data_ptr<scalar_t>();
     at::parallel_for(0, E * ab * bb, grain_for(kBlock * kBlock), [&](int64_t begin, int64_t end) {
@@ -344,6 +351,73 @@ Tensor pack_panels(const Tensor& src, int64_t E, int64_t r, int64_t n, int64_t s
   return dst;
 }
 
+// Rank pairs of the expand_pairs layouts: ceil(r / 2) rounded up to kRankPairsAlign.
+int64_t rank_pair_count(int64_t r) { return ceil_div(ceil_div(r, 2), cpu::kRankPairsAlign) * cpu::kRankPairsAlign; }
+
+// bf16 adapter viewed as in pack_panels -> rank-pair panels [ceil(n / kPanel), E, rp, kPanel, 2]
+// (kernels.h, ExpandPairsArgs), zero-padded in the columns and the ranks past r.
+Tensor pack_pairs(const Tensor& src, int64_t E, int64_t r, int64_t n, int64_t sE, int64_t si,
+                  int64_t sc) {
+  TORCH_INTERNAL_ASSERT(src.scalar_type() == at::kBFloat16 && src.is_contiguous());
+  const int64_t nb = ceil_div(n, cpu::kPanel), rp = rank_pair_count(r);
+  Tensor dst = at::zeros({nb, E, rp, cpu::kPanel, 2}, src.options());
+  const uint16_t* in = reinterpret_cast<const uint16_t*>(src.data_ptr<at::BFloat16>());
+  uint16_t* out = reinterpret_cast<uint16_t*>(dst.data_ptr<at::BFloat16>());
+  at::parallel_for(0, nb * E, grain_for(r * cpu::kPanel), [&](int64_t begin, int64_t end) {
+    for (int64_t it = begin; it < end; ++it) {
+      const int64_t cb = it / E, e = it % E, c0 = cb * cpu::kPanel;
+      const int64_t valid = std::min<int64_t>(cpu::kPanel, n - c0);
+      uint16_t* d = out + it * rp * cpu::kPanel * 2;
+      const uint16_t* s_e = in + e * sE + c0 * sc;
+      for (int64_t cc = 0; cc < valid; ++cc)
+        for (int64_t i = 0; i < r; ++i) d[((i / 2) * cpu::kPanel + cc) * 2 + i % 2] = s_e[cc * sc + i * si];
+    }
+  });
+  return dst;
+}
+
+uint32_t bf16_bits(float v) { return c10::BFloat16(v).x; }  // nearest even, as ATen rounds
+
+void round_to_bf16(Tensor& z) {  // fp32 values rounded to bf16, in place
+  float* p = z.data_ptr<float>();
+  for (int64_t i = 0; i < z.numel(); ++i) p[i] = static_cast<float>(c10::BFloat16(p[i]));
+}
+
+// z [T, k, r] (fp32) as bf16 rank pairs [T * k, rp] (ExpandPairsArgs::Z), zero past r.
+Tensor rank_pairs(const Tensor& z) {
+  const int64_t slots = z.size(0) * z.size(1), r = z.size(2), rp = rank_pair_count(r);
+  Tensor out = at::empty({slots, rp}, z.options().dtype(at::kInt));
+  const float* zp = z.data_ptr<float>();
+  uint32_t* op = reinterpret_cast<uint32_t*>(out.data_ptr<int32_t>());
+  for (int64_t s = 0; s < slots; ++s)
+    for (int64_t p = 0; p < rp; ++p) {
+      const float lo = 2 * p < r ? zp[s * r + 2 * p] : 0.f;
+      const float hi = 2 * p + 1 < r ? zp[s * r + 2 * p + 1] : 0.f;
+      op[s * rp + p] = bf16_bits(lo) | bf16_bits(hi) << 16;
+    }
+  return out;
+}
+
+// z [T, k, r] (fp32) as bf16 slot pairs by expert (OuterPairsArgs::Z); pair_offsets filled.
+Tensor slot_pairs(const Tensor& z, const Routing& rt, int64_t E, std::vector<int64_t>& pair_offsets) {
+  const int64_t r = z.size(2);
+  pair_offsets.assign(E + 1, 0);
+  for (int64_t e = 0; e < E; ++e)
+    pair_offsets[e + 1] = pair_offsets[e] + ceil_div(rt.offsets[e + 1] - rt.offsets[e], 2);
+  Tensor out = at::empty({pair_offsets[E], r}, z.options().dtype(at::kInt));
+  const float* zp = z.data_ptr<float>();
+  uint32_t* op = reinterpret_cast<uint32_t*>(out.data_ptr<int32_t>());
+  for (int64_t e = 0; e < E; ++e)
+    for (int64_t q = 0; q < pair_offsets[e + 1] - pair_offsets[e]; ++q) {
+      const int64_t b = rt.offsets[e] + 2 * q;
+      const float* z0 = zp + rt.order[b] * r;
+      const float* z1 = b + 1 < rt.offsets[e + 1] ? zp + rt.order[b + 1] * r : nullptr;
+      uint32_t* o = op + (pair_offsets[e] + q) * r;
+      for (int64_t i = 0; i < r; ++i) o[i] = bf16_bits(z0[i]) | (z1 ? bf16_bits(z1[i]) << 16 : 0u);
+    }
+  return out;
+}
+
 // Y_t += sum_j M_{e(t,j)}^T Z[t, j]. panels from pack_panels (E experts, rank r, n columns),
 // Z [T, k, r] (acc), Y [T, n] in place.
 void run_expand(const cpu::KernelTable& kt, const Tensor& panels, const Tensor& Z,
@@ -380,10 +454,44 @@ Tensor run_outer(const cpu::KernelTable& kt, const Tensor& Z, const Tensor& X, c
   Tensor G = at::empty({E, r, n}, X.options().dtype(acc));
   if (n == 0) return G;
   cpu::OuterArgs a{dtype_of(G), dtype_of(X), Z.data_ptr(), X.data_ptr(), G.data_ptr(),
-                   rt.order.data(), rt.offsets.data(), E, r, n, k, kOuterCols};
+                   rt.order.data(), rt.tokens.data(), rt.offsets.data(), E, r, n, k, kOuterCols};
   const int64_t items = ceil_div(n, kOuterCols) * E;
   const int64_t macs = ceil_div(static_cast<int64_t>(rt.order.size()), E) * r * std::min(n, kOuterCols);
   at::parallel_for(0, items, grain_for(macs), [&](int64_t b, int64_t e) { kt.outer(a, b, e); });
+  return G;
+}
+
+// run_expand on the pair layouts: pairs from pack_pairs, z [T, k, r] fp32, Y [T, n] bf16.
+void run_expand_pairs(const cpu::KernelTable& kt, const Tensor& pairs, const Tensor& z,
+                      const Tensor& idx, Tensor& Y) {
+  const int64_t E = pairs.size(1), rp = pairs.size(2), n = Y.size(1);
+  const int64_t T = idx.size(0), k = idx.size(1);
+  if (T == 0 || n == 0) return;
+  const Tensor zp = rank_pairs(z);
+  const int64_t token_blocks = ceil_div(T, kExpandTokens);
+  const int64_t items = ceil_div(n, kExpandCols) * token_blocks;
+  cpu::ExpandPairsArgs a{reinterpret_cast<const uint16_t*>(pairs.data_ptr<at::BFloat16>()),
+                         reinterpret_cast<const uint32_t*>(zp.data_ptr<int32_t>()),
+                         idx.data_ptr<int64_t>(), reinterpret_cast<uint16_t*>(Y.data_ptr<at::BFloat16>()),
+                         T, E, rp, n, k, kExpandTokens, kExpandCols, token_blocks};
+  const int64_t macs = std::min(T, kExpandTokens) * k * 2 * rp * std::min(n, kExpandCols);
+  at::parallel_for(0, items, grain_for(macs), [&](int64_t b, int64_t e) { kt.expand_pairs(a, b, e); });
+}
+
+// run_outer on the pair layouts: z [T, k, r] fp32, X [T, n] bf16; G [E, r, n] fp32.
+Tensor run_outer_pairs(const cpu::KernelTable& kt, const Tensor& z, const Tensor& X,
+                       const Routing& rt, int64_t E, int64_t r, int64_t n, int64_t k) {
+  Tensor G = at::empty({E, r, n}, X.options().dtype(at::kFloat));
+  if (n == 0) return G;
+  std::vector<int64_t> pair_offsets;
+  const Tensor zp = slot_pairs(z, rt, E, pair_offsets);
+  cpu::OuterPairsArgs a{reinterpret_cast<const uint32_t*>(zp.data_ptr<int32_t>()),
+                        reinterpret_cast<const uint16_t*>(X.data_ptr<at::BFloat16>()),
+                        G.data_ptr<float>(), rt.tokens.data(), rt.offsets.data(), pair_offsets.data(),
+                        E, r, n, k, kOuterCols};
+  const int64_t items = ceil_div(n, kOuterCols) * E;
+  const int64_t macs = ceil_div(static_cast<int64_t>(rt.order.size()), E) * r * std::min(n, kOuterCols);
+  at::parallel_for(0, items, grain_for(macs), [&](int64_t b, int64_t e) { kt.outer_pairs(a, b, e); });
   return G;
 }
 
@@ -415,10 +523,13 @@ Tensor b_panels(const Tensor& lora_b, at::ScalarType acc) {
   });
 }
 
-// B^T [E, r, d_out]: the backward shrink's operand (u = B_e^T dy).
+// B^T [E, r, d_out]: the backward shrink's operand (u = B_e^T dy), in B's dtype where the
+// kernels read it (bf16: half the bytes, and the bf16 dot-product shrink).
 Tensor b_transposed(const Tensor& lora_b, at::ScalarType acc) {
-  return adapter_cache().get(lora_b, Layout::transposed, acc,
-                             [&] { return transpose_last2(lora_b.to(acc).contiguous()); });
+  return adapter_cache().get(lora_b, Layout::transposed, acc, [&] {
+    const at::ScalarType st = kernel_reads(lora_b.scalar_type(), acc) ? lora_b.scalar_type() : acc;
+    return transpose_last2(lora_b.to(st).contiguous());
+  });
 }
 
 // A_e as [r, d_in] column panels: the backward expand's operand (dx += A_e^T s g u).
@@ -428,6 +539,34 @@ Tensor a_panels(const Tensor& lora_a, at::ScalarType acc) {
     const int64_t E = A.size(0), r = A.size(1), d_in = A.size(2);
     return pack_panels(A, E, r, d_in, r * d_in, d_in, 1);
   });
+}
+
+// B_e and A_e as rank-pair panels (pack_pairs): expand's operands on the bf16 dot-product path.
+Tensor b_pairs(const Tensor& lora_b) {
+  return adapter_cache().get(lora_b, Layout::pairs_b, at::kFloat, [&] {
+    const Tensor B = lora_b.contiguous();
+    const int64_t E = B.size(0), d_out = B.size(1), r = B.size(2);
+    return pack_pairs(B, E, r, d_out, d_out * r, 1, r);
+  });
+}
+
+Tensor a_pairs(const Tensor& lora_a) {
+  return adapter_cache().get(lora_a, Layout::pairs_a, at::kFloat, [&] {
+    const Tensor A = lora_a.contiguous();
+    const int64_t E = A.size(0), r = A.size(1), d_in = A.size(2);
+    return pack_pairs(A, E, r, d_in, r * d_in, d_in, 1);
+  });
+}
+
+// Whether the bf16 dot-product kernels take this call: all of `ts` bf16 under fp32
+// accumulation, on an AVX-512 BF16 table. Products of bf16 are exact in fp32 and vdpbf16ps
+// adds them in fp32; what changes is that z (s g h, s g u) is rounded to bf16 before expand /
+// outer, as the torch path's bf16 matmuls round h and u.
+bool bf16_pairs(const cpu::KernelTable& kt, at::ScalarType acc, std::initializer_list<const Tensor*> ts) {
+  if (kt.expand_pairs == nullptr || acc != at::kFloat) return false;
+  for (const Tensor* t : ts)
+    if (t->scalar_type() != at::kBFloat16) return false;
+  return true;
 }
 
 bool cacheable(const Tensor& t) { return AdapterCache::cacheable_tensor(t); }
@@ -461,7 +600,7 @@ void scale_slots(Tensor& h, const Tensor& gates, const Tensor& idx, double scali
 // the torch backend (matmuls in the operands' shared dtype, fp32 accumulation inside them).
 // In fp32 the routed kernels won every interleaved measurement (T = 4 to 1024, forward and
 // training, by 10-25%, on a 2-core AMD EPYC), so auto routes fp32 through them; bf16 goes
-// dense on bf16 hardware.
+// dense on bf16 hardware, except where the AVX-512 BF16 kernels beat it (dense_by_cost).
 constexpr int64_t kDenseMinTokensBf16 = 4;
 constexpr int64_t kDenseMaxExpertsPerSlot = 4;
 constexpr int64_t kDirectMaxSlotsPerExpert = 8;
@@ -497,19 +636,27 @@ const char* route_name(Route r) {
 
 // Measured choice (benchmarks/NOTES.md, "CPU routes"): thresholds above.
 // A forward whose expand reads B as stored (expand_direct) beat the dense GEMMs in bf16 too.
-bool dense_by_cost(bool bf16_matmul, bool direct, int64_t T, int64_t E, int64_t k) {
-  return bf16_matmul && !direct && T >= kDenseMinTokensBf16 && E <= kDenseMaxExpertsPerSlot * k;
+// With the bf16 dot-product kernels (`pairs`) the routed forward won at every T and the routed
+// backward from kDenseMaxTokensPairs tokens; below, the dense GEMMs tie or win the backward.
+constexpr int64_t kDenseMaxTokensPairs = 128;
+
+bool dense_by_cost(bool bf16_matmul, bool pairs, bool direct, bool backward, int64_t T, int64_t E,
+                   int64_t k) {
+  if (!bf16_matmul || direct || T < kDenseMinTokensBf16 || E > kDenseMaxExpertsPerSlot * k) return false;
+  if (pairs) return backward && T < kDenseMaxTokensPairs;
+  return true;
 }
 
-// `direct`: the routed forward would take expand_direct (the backward passes false).
-bool dense_route(const Tensor& x, const Tensor& lora_a, int64_t T, int64_t E, int64_t k,
-                 at::ScalarType acc, bool direct) {
+// `direct`: the routed forward would take expand_direct.
+bool dense_route(const cpu::KernelTable& kt, const Tensor& x, const Tensor& lora_a, int64_t T,
+                 int64_t E, int64_t k, at::ScalarType acc, bool direct, bool backward) {
   const at::ScalarType st = x.scalar_type();
   if (acc != at::kFloat || lora_a.scalar_type() != st || (st != at::kFloat && st != at::kBFloat16))
     return false;
   const Route route = active_route();
   if (route != Route::automatic) return route == Route::dense;
-  return dense_by_cost(st == at::kBFloat16 && cpu::has_bf16_matmul(), direct, T, E, k);
+  return dense_by_cost(st == at::kBFloat16 && cpu::has_bf16_matmul(), kt.expand_pairs != nullptr,
+                       direct, backward, T, E, k);
 }
 
 // B_all [d_out, E r]: column e r + i is B_e[:, i] (one copy of the adapter per call).
@@ -651,7 +798,7 @@ std::tuple<Tensor, Tensor> cpu_forward(const Tensor& x, const Tensor& weight,
   // 1.3-1.6x with the per-call layout, fp32; the panels win from ~16 slots an expert).
   const bool direct =
       !(cacheable(lora_a) && cacheable(lora_b)) && T * k <= kDirectMaxSlotsPerExpert * E;
-  if (dense_route(x, lora_a, T, E, k, acc, direct)) {
+  if (dense_route(kt, x, lora_a, T, E, k, acc, direct, /*backward=*/false)) {
     return dense_forward(x, weight, bias, lora_a.contiguous(), lora_b.contiguous(), idx,
                          expert_weights.contiguous(), scaling);
   }
@@ -668,7 +815,12 @@ std::tuple<Tensor, Tensor> cpu_forward(const Tensor& x, const Tensor& weight,
   Tensor z = at::empty_like(h);
   scale_slots(h, expert_weights.contiguous(), idx, scaling, z);  // s g h
   Tensor yk = token_operand(y, acc);
+  const bool pairs = bf16_pairs(kt, acc, {&lora_b, &yk});
+  // expand_pairs multiplies z as bf16; expand_direct then uses the same rounded z, so that the
+  // output does not depend on which expand a call takes (trainable adapters or not).
+  if (pairs) round_to_bf16(z);
   if (direct) run_expand_direct(kt, adapter_as_read(lora_b, acc), z, idx, yk);
+  else if (pairs) run_expand_pairs(kt, b_pairs(lora_b), z, idx, yk);
   else run_expand(kt, b_panels(lora_b, acc), z, idx, yk);
   if (!yk.is_same(y)) y = yk.to(x.scalar_type());
   return {y, h};
@@ -687,7 +839,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> cpu_backward(
               "moelora: h must be [T, k, r]");
   const at::ScalarType acc = expert_weights.scalar_type();
   const Tensor idx = expert_indices.contiguous();
-  if (dense_route(x, lora_a, T, E, k, acc, /*direct=*/false)) {
+  const cpu::KernelTable& kt = cpu::kernel_table(active_isa());
+  if (dense_route(kt, x, lora_a, T, E, k, acc, /*direct=*/false, /*backward=*/true)) {
     check_expert_range(idx, E);
     return dense_backward(grad_out.contiguous(), x.contiguous(), weight.contiguous(),
                           lora_a.contiguous(), lora_b.contiguous(), idx,
@@ -695,7 +848,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> cpu_backward(
                           compute_grad_adapters);
   }
   const Routing rt = sort_slots(idx, E);
-  const cpu::KernelTable& kt = cpu::kernel_table(active_isa());
 
   const Tensor dy = grad_out.contiguous();
   const Tensor dyk = token_operand(dy, acc);
@@ -735,8 +887,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> cpu_backward(
 
   Tensor grad_a = at::empty({0}, lora_a.options()), grad_b = at::empty({0}, lora_b.options());
   if (compute_grad_adapters) {
-    const Tensor dBt = run_outer(kt, zh, dyk, rt, E, r, d_out, k, acc);  // [E, r, d_out]
-    const Tensor dA = run_outer(kt, zu, xk, rt, E, r, d_in, k, acc);     // [E, r, d_in]
+    const bool pairs = bf16_pairs(kt, acc, {&dyk, &xk});
+    const Tensor dBt = pairs ? run_outer_pairs(kt, zh, dyk, rt, E, r, d_out, k)
+                             : run_outer(kt, zh, dyk, rt, E, r, d_out, k, acc);  // [E, r, d_out]
+    const Tensor dA = pairs ? run_outer_pairs(kt, zu, xk, rt, E, r, d_in, k)
+                            : run_outer(kt, zu, xk, rt, E, r, d_in, k, acc);     // [E, r, d_in]
     grad_b = transpose_last2(dBt).to(lora_b.scalar_type());
     grad_a = dA.to(lora_a.scalar_type()).contiguous();
   }
@@ -746,7 +901,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> cpu_backward(
     grad_x = at::mm(dy.to(weight.scalar_type()), weight);  // [T, d_in], x.dtype
     if (!rt.order.empty()) {
       Tensor dxk = token_operand(grad_x, acc);
-      run_expand(kt, a_panels(lora_a, acc), zu, idx, dxk);
+      if (bf16_pairs(kt, acc, {&lora_a, &dxk})) run_expand_pairs(kt, a_pairs(lora_a), zu, idx, dxk);
+      else run_expand(kt, a_panels(lora_a, acc), zu, idx, dxk);
       if (!dxk.is_same(grad_x)) grad_x = dxk.to(x.scalar_type());
     }
   } else {
