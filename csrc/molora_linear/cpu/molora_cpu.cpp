@@ -266,6 +266,11 @@ int64_t streaming_grain(int64_t macs_per_item, int64_t slots_per_expert) {
   return grain_for(macs_per_item, slots_per_expert <= 2 ? kMinStreamingTaskMacs : kMinTaskMacs);
 }
 
+// Layout copies (panels, transposes) are bound by memory too: with grain_for's 128 K elements a
+// task, packing [8, 1024, 16] ran as one task while the other thread waited (perf: pack_panels
+// on the calling thread only, ~0.2 ms of a T=1024 fp32 training step).
+int64_t copy_grain(int64_t elements_per_item) { return grain_for(elements_per_item, kMinStreamingTaskMacs); }
+
 // Runs of at most `chunk` slots of one expert: the shrink's parallel work items. 16 slots is
 // four register blocks of tokens, enough to reuse the expert's rows from L1/L2, while T * k = 512
 // still gives 32 items to balance over the threads.
@@ -307,7 +312,7 @@ Tensor transpose_last2(const Tensor& src) {
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, src.scalar_type(), "moelora_transpose", [&] {
     const scalar_t* in = src.data_ptr<scalar_t>();
     scalar_t* out = dst.data_ptr<scalar_t>();
-    at::parallel_for(0, E * ab * bb, grain_for(kBlock * kBlock), [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, E * ab * bb, copy_grain(kBlock * kBlock), [&](int64_t begin, int64_t end) {
       for (int64_t it = begin; it < end; ++it) {
         const int64_t e = it / (ab * bb), i0 = (it / bb) % ab * kBlock, j0 = it % bb * kBlock;
         const scalar_t* s_e = in + e * a * b;
@@ -329,7 +334,7 @@ Tensor pack_panels(const Tensor& src, int64_t E, int64_t r, int64_t n, int64_t s
   AT_DISPATCH_FLOATING_TYPES(src.scalar_type(), "moelora_pack_panels", [&] {
     const scalar_t* in = src.data_ptr<scalar_t>();
     scalar_t* out = dst.data_ptr<scalar_t>();
-    at::parallel_for(0, nb * E, grain_for(r * cpu::kPanel), [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, nb * E, copy_grain(r * cpu::kPanel), [&](int64_t begin, int64_t end) {
       for (int64_t it = begin; it < end; ++it) {
         const int64_t cb = it / E, e = it % E, c0 = cb * cpu::kPanel;
         const int64_t valid = std::min<int64_t>(cpu::kPanel, n - c0);
@@ -363,7 +368,7 @@ Tensor pack_pairs(const Tensor& src, int64_t E, int64_t r, int64_t n, int64_t sE
   Tensor dst = at::zeros({nb, E, rp, cpu::kPanel, 2}, src.options());
   const uint16_t* in = reinterpret_cast<const uint16_t*>(src.data_ptr<at::BFloat16>());
   uint16_t* out = reinterpret_cast<uint16_t*>(dst.data_ptr<at::BFloat16>());
-  at::parallel_for(0, nb * E, grain_for(r * cpu::kPanel), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, nb * E, copy_grain(r * cpu::kPanel), [&](int64_t begin, int64_t end) {
     for (int64_t it = begin; it < end; ++it) {
       const int64_t cb = it / E, e = it % E, c0 = cb * cpu::kPanel;
       const int64_t valid = std::min<int64_t>(cpu::kPanel, n - c0);
