@@ -99,15 +99,12 @@ struct OuterArgs {
 // registers, their z values paired once per call).
 //
 // expand_pairs: Y_t[c] += sum_j sum_p <Mp_{e(t,j)}[p, c], Zp[t, j, p]> over rank pairs p.
-// rp, the number of rank pairs, is rounded up to kRankPairsAlign (zero ranks): the kernel keeps
-// that many independent sets of accumulators.
-constexpr int64_t kRankPairsAlign = 2;
 struct ExpandPairsArgs {
   const uint16_t* M;    // panels [ceil(n / kPanel), E, rp, kPanel, 2], bf16, zero-padded
   const uint32_t* Z;    // [T * k, rp]: (z[2p], z[2p + 1]) as bf16 in the low / high half
   const int64_t* idx;   // [T, k], -1 = no expert
   uint16_t* Y;          // [T, n] bf16, updated in place
-  int64_t T, E, rp, n, k;   // rp = ceil(r / 2) rounded up to kRankPairsAlign
+  int64_t T, E, rp, n, k;   // rp = ceil(r / 2)
   int64_t tokens_per_item, cols_per_item;  // as ExpandArgs
   int64_t num_token_blocks;
 };

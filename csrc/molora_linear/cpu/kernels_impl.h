@@ -555,38 +555,31 @@ static inline __mmask16 first_lanes(int64_t count) {  // mask of the first min(c
 }
 
 // Y_t[c0 + cc ..][NV * 16 columns] += the token's k slots; `valid` columns of Y exist from cc.
-// The panel is zero-padded, so only Y's accesses are masked. Rank pairs go round-robin into PS
-// sets of accumulators: with one set, each of the NV accumulators was a chain of k * rp
-// dependent vdpbf16ps and the loop ran at the instruction's latency (perf: the three dot
-// products of the loop held 30% of expand's samples), with PS * NV chains it can issue two a cycle.
+// The panel is zero-padded, so only Y's accesses are masked. (Splitting the accumulators into
+// several sets, against the chain of k rp dependent vdpbf16ps each, measured no faster: the
+// out-of-order core overlaps consecutive tokens' chains.)
 template <int NV>
 static inline void expand_pairs_cols(const uint16_t* __restrict P, const uint32_t* __restrict Zt,
                                      const int64_t* idx_t, int64_t k, int64_t rp, uint16_t* yc,
                                      int64_t cc, int64_t valid) {
-  constexpr int PS = kRankPairsAlign;
-  vf acc[PS][NV];
-  for (int u = 0; u < PS; ++u)
-    for (int v = 0; v < NV; ++v) acc[u][v] = vf{};
+  vf acc[NV];
+  for (int v = 0; v < NV; ++v) acc[v] = vf{};
   for (int64_t j = 0; j < k; ++j) {
     const int64_t e = idx_t[j];
     if (e < 0) continue;
     const uint32_t* z = Zt + j * rp;
     const uint16_t* row = P + (e * rp * kPanel + cc) * 2;
-    for (int64_t p = 0; p < rp; p += PS, row += PS * 2 * kPanel)  // rp % PS == 0 (kernels.h)
-      for (int u = 0; u < PS; ++u) {
-        const __m512i zz = _mm512_set1_epi32(int(z[p + u]));
-        for (int v = 0; v < NV; ++v)
-          acc[u][v] = dot_pairs(acc[u][v], zz, load64(row + u * 2 * kPanel + v * 32));
-      }
+    for (int64_t p = 0; p < rp; ++p, row += 2 * kPanel) {
+      const __m512i zz = _mm512_set1_epi32(int(z[p]));
+      for (int v = 0; v < NV; ++v) acc[v] = dot_pairs(acc[v], zz, load64(row + v * 32));
+    }
   }
   for (int v = 0; v < NV; ++v) {
     const __mmask16 m = first_lanes(valid - v * 16);
     if (m == 0) break;
     uint16_t* yp = yc + cc + v * 16;
-    vf sum = acc[0][v];
-    for (int u = 1; u < PS; ++u) sum += acc[u][v];
     const __m512 y = widen_bf16(_mm256_maskz_loadu_epi16(m, yp));
-    _mm256_mask_storeu_epi16(yp, m, round_bf16(_mm512_add_ps(y, (__m512)sum)));
+    _mm256_mask_storeu_epi16(yp, m, round_bf16(_mm512_add_ps(y, (__m512)acc[v])));
   }
 }
 

@@ -356,15 +356,12 @@ Tensor pack_panels(const Tensor& src, int64_t E, int64_t r, int64_t n, int64_t s
   return dst;
 }
 
-// Rank pairs of the expand_pairs layouts: ceil(r / 2) rounded up to kRankPairsAlign.
-int64_t rank_pair_count(int64_t r) { return ceil_div(ceil_div(r, 2), cpu::kRankPairsAlign) * cpu::kRankPairsAlign; }
-
-// bf16 adapter viewed as in pack_panels -> rank-pair panels [ceil(n / kPanel), E, rp, kPanel, 2]
-// (kernels.h, ExpandPairsArgs), zero-padded in the columns and the ranks past r.
+// bf16 adapter viewed as in pack_panels -> rank-pair panels [ceil(n / kPanel), E, ceil(r / 2),
+// kPanel, 2] (kernels.h, ExpandPairsArgs), zero-padded in the columns and the odd rank.
 Tensor pack_pairs(const Tensor& src, int64_t E, int64_t r, int64_t n, int64_t sE, int64_t si,
                   int64_t sc) {
   TORCH_INTERNAL_ASSERT(src.scalar_type() == at::kBFloat16 && src.is_contiguous());
-  const int64_t nb = ceil_div(n, cpu::kPanel), rp = rank_pair_count(r);
+  const int64_t nb = ceil_div(n, cpu::kPanel), rp = ceil_div(r, 2);
   Tensor dst = at::zeros({nb, E, rp, cpu::kPanel, 2}, src.options());
   const uint16_t* in = reinterpret_cast<const uint16_t*>(src.data_ptr<at::BFloat16>());
   uint16_t* out = reinterpret_cast<uint16_t*>(dst.data_ptr<at::BFloat16>());
@@ -388,9 +385,9 @@ void round_to_bf16(Tensor& z) {  // fp32 values rounded to bf16, in place
   for (int64_t i = 0; i < z.numel(); ++i) p[i] = static_cast<float>(c10::BFloat16(p[i]));
 }
 
-// z [T, k, r] (fp32) as bf16 rank pairs [T * k, rp] (ExpandPairsArgs::Z), zero past r.
+// z [T, k, r] (fp32) as bf16 rank pairs [T * k, ceil(r / 2)] (ExpandPairsArgs::Z), 0 past r.
 Tensor rank_pairs(const Tensor& z) {
-  const int64_t slots = z.size(0) * z.size(1), r = z.size(2), rp = rank_pair_count(r);
+  const int64_t slots = z.size(0) * z.size(1), r = z.size(2), rp = ceil_div(r, 2);
   Tensor out = at::empty({slots, rp}, z.options().dtype(at::kInt));
   const float* zp = z.data_ptr<float>();
   uint32_t* op = reinterpret_cast<uint32_t*>(out.data_ptr<int32_t>());
