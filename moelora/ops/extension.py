@@ -11,7 +11,7 @@ when the library loads, so torch.compile and FakeTensor tracing see shapes witho
 
 Run-time switches of the extension (build switches: see setup.py):
     MOELORA_DISABLE_EXTENSION=1   do not load it
-    MOELORA_CPU_ISA               cap the CPU kernels' instruction set: avx512, avx2 or base
+    MOELORA_CPU_ISA               cap the CPU kernels' instruction set: avx512bf16, avx512, avx2 or base
                                   (default: the best the CPU has; `_C.set_cpu_isa` at run time)
     MOELORA_CPU_ROUTE             the cpu backend's route: routed or dense (default auto: per call,
                                   from measured thresholds; `_C.set_cpu_route` at run time)
