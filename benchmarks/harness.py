@@ -513,11 +513,22 @@ def _is_moelora(name: str) -> bool:
     return name.startswith("moelora:")
 
 
+def _faster(peer: Row, row: Row) -> bool:
+    """Whether peer beat row. By their ratios over the floor where both have one: each is a
+    median of per-round ratios (the floor timed seconds apart from the contestant), so a pass
+    the host ran slow does not favour whichever contestant it spared; the medians of raw times
+    across passes mix passes minutes apart (one run here had its base at 24 and 26 ms). Raw
+    medians only where there is no ratio."""
+    if peer.ratio_over_base is not None and row.ratio_over_base is not None:
+        return peer.ratio_over_base < row.ratio_over_base
+    return peer.median_ms is not None and row.median_ms is not None and peer.median_ms < row.median_ms
+
+
 def verdict(row: Row, case: Case, peers: list[Row]) -> str:
     """A moelora row against its case's target (docs/perf.md): "met", "missed (why)", or "n.a."
     (not moelora, not measured, or no target for this mode). The target is the case's
     ratio limit over the floor in the modes it names, memory against the naive form, and, in
-    every timed mode, being faster than every peer measured in the same run."""
+    every timed mode, being faster than every peer measured in the same run (`_faster`)."""
     if not _is_moelora(row.contestant) or row.status != "ok":
         return "n.a."
     misses, judged = [], False
@@ -535,8 +546,7 @@ def verdict(row: Row, case: Case, peers: list[Row]) -> str:
             misses.append(f"{row.ratio_over_base or float('nan'):.2f}x > {case.limit:g}x")
     if case.beat_peers:
         judged = True
-        faster = [p.contestant for p in peers if p.median_ms is not None and row.median_ms is not None
-                  and p.median_ms < row.median_ms]
+        faster = [p.contestant for p in peers if _faster(p, row)]
         if faster:
             misses.append("slower than " + ", ".join(faster))
     if not judged:

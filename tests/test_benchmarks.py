@@ -160,6 +160,25 @@ def test_passes_merge_by_median_and_keep_failures():
     assert merged["y"].status == "error" and merged["y"].reason == "in pass 2 of 2: boom"
 
 
+def test_peers_are_compared_by_their_per_round_ratios():
+    """A pass that ran the host slow inflates one contestant's raw median but not its ratio over
+    the floor timed in the same round: the verdict follows the ratios, and raw times only where
+    a ratio is missing."""
+    case = next(c for c in suite(torch.device("cpu")) if c.name == "train")
+
+    def row(contestant, median, ratio):
+        return harness.Row("train", "float32", contestant, "fwd+bwd", "ok", median_ms=median,
+                           ratio_over_base=ratio)
+
+    ours = row("moelora:cpu", 30.0, 1.10)
+    slower_by_ratio = row("dense masked", 29.0, 1.20)  # faster raw median, slower ratio
+    faster_by_ratio = row("compile(dense)", 31.0, 1.05)
+    assert harness.verdict(ours, case, [slower_by_ratio]) == "met"
+    assert harness.verdict(ours, case, [faster_by_ratio]) == "missed (slower than compile(dense))"
+    no_ratio = row("peft", 29.0, None)
+    assert harness.verdict(ours, case, [no_ratio]) == "missed (slower than peft)"
+
+
 def test_default_run_writes_outside_the_tree_with_a_verdict_column(tmp_path, monkeypatch, capsys):
     """Without --record the run leaves benchmarks/results (tracked) untouched and writes to the
     default folder; the printed table has the target verdict per row."""
