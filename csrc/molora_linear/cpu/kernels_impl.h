@@ -257,6 +257,18 @@ template <typename T> static inline void prefetch_row(const T* p, int64_t count)
     __builtin_prefetch(reinterpret_cast<const char*>(p) + b, 1);
 }
 
+// The columns and tokens of expand work item `it` (ExpandArgs / ExpandPairsArgs): column block
+// it / num_token_blocks, token block it % num_token_blocks.
+struct ExpandItem {
+  int64_t c_begin, c_end, t_begin, t_end;
+  template <typename Args> ExpandItem(const Args& a, int64_t it) {
+    c_begin = it / a.num_token_blocks * a.cols_per_item;
+    c_end = c_begin + a.cols_per_item < a.n ? c_begin + a.cols_per_item : a.n;
+    t_begin = it % a.num_token_blocks * a.tokens_per_item;
+    t_end = t_begin + a.tokens_per_item < a.T ? t_begin + a.tokens_per_item : a.T;
+  }
+};
+
 // P is the column panel of this block: P[(e * r + i) * kPanel + cc], cc in [0, kPanel).
 template <typename Acc, typename Ty, int NV>
 static inline void expand_cols(const Acc* __restrict P, const Acc* __restrict Zt,
@@ -307,11 +319,8 @@ static void expand_impl(const ExpandArgs& a, int64_t item_begin, int64_t item_en
   const int64_t r = a.r, n = a.n, k = a.k;
   const int64_t panel_size = a.E * r * kPanel;
   for (int64_t it = item_begin; it < item_end; ++it) {
-    const int64_t cb = it / a.num_token_blocks, tb = it % a.num_token_blocks;
-    const int64_t c_begin = cb * a.cols_per_item;
-    const int64_t c_end = c_begin + a.cols_per_item < n ? c_begin + a.cols_per_item : n;
-    const int64_t t_begin = tb * a.tokens_per_item;
-    const int64_t t_end = t_begin + a.tokens_per_item < a.T ? t_begin + a.tokens_per_item : a.T;
+    const ExpandItem item(a, it);
+    const int64_t c_begin = item.c_begin, c_end = item.c_end, t_begin = item.t_begin, t_end = item.t_end;
     for (int64_t c0 = c_begin; c0 < c_end; c0 += kPanel) {
       // One panel (E * r * kPanel values, 32 KiB for E=8, r=16, fp32) serves every token.
       const Acc* P = M + (c0 / kPanel) * panel_size;
@@ -589,11 +598,8 @@ static void expand_pairs_impl(const ExpandPairsArgs& a, int64_t item_begin, int6
   const int64_t rp = a.rp, n = a.n, k = a.k;
   const int64_t panel_size = a.E * rp * kPanel * 2;
   for (int64_t it = item_begin; it < item_end; ++it) {
-    const int64_t cb = it / a.num_token_blocks, tb = it % a.num_token_blocks;
-    const int64_t c_begin = cb * a.cols_per_item;
-    const int64_t c_end = c_begin + a.cols_per_item < n ? c_begin + a.cols_per_item : n;
-    const int64_t t_begin = tb * a.tokens_per_item;
-    const int64_t t_end = t_begin + a.tokens_per_item < a.T ? t_begin + a.tokens_per_item : a.T;
+    const ExpandItem item(a, it);
+    const int64_t c_begin = item.c_begin, c_end = item.c_end, t_begin = item.t_begin, t_end = item.t_end;
     for (int64_t c0 = c_begin; c0 < c_end; c0 += kPanel) {
       const uint16_t* P = a.M + (c0 / kPanel) * panel_size;
       const int64_t valid = c_end - c0 < kPanel ? c_end - c0 : kPanel;
