@@ -7,7 +7,9 @@ suggests, in ways no timing on a noisy 2-core host showed reliably (benchmarks/N
   iteration of the multiply-add loop (masked-load intrinsics and multi-loop bodies block GCC's
   store motion);
 - bf16 widening lowered to two half-width zero-extensions, an insert and a round trip of the
-  vector through the stack.
+  vector through the stack;
+- a broadcast written `{} + s` kept a scalar add of 0 before every vbroadcastss (0 + s is not
+  s for s = -0.0), two uops per rank in the expand and outer loops where one load does.
 These tests disassemble the extension (objdump) and check every innermost loop that multiplies.
 """
 from __future__ import annotations
@@ -110,3 +112,20 @@ def test_bf16_widening_is_one_zero_extension():
         split = [n for n in _kernels(isa, "unsigned short")
                  if any(t.startswith("vinserti32x8") for _, t in FUNCS[n])]
         assert not split, f"{isa}: split widening in {split[:3]}"
+
+
+@pytest.mark.parametrize("isa", ["avx512bf16", "avx512", "avx2"])
+def test_multiply_loops_broadcast_without_scalar_arithmetic(isa):
+    """The fp32 multiply-add loops do no scalar float arithmetic: each broadcast is one
+    vbroadcastss (or an embedded {1to16}) from memory, not an add of 0 and a register broadcast."""
+    checked, bad = 0, []
+    for name in _kernels(isa, "float"):
+        for body in _innermost_loops(FUNCS[name]):
+            if not any(re.match(r"vfmadd\w*ps\b.*%[xyz]mm", t) for t in body):
+                continue  # scalar tails (n % L columns) are scalar on purpose
+            checked += 1
+            scalar = [t for t in body if re.match(r"v(add|sub|mul)ss\b", t)]
+            if scalar:
+                bad.append(f"{name[:120]}: {scalar[0]}")
+    assert checked >= 6, f"found only {checked} fp32 multiply loops in the {isa} kernels"
+    assert not bad, "\n".join(bad)

@@ -64,9 +64,18 @@ template <typename VT, typename T> static inline void storeu(T* p, VT v) {
   __builtin_memcpy(p, &v, sizeof(VT));
 }
 
+// Every lane = s. Written as `{} + s` GCC kept the scalar add of 0 (it is not an identity for
+// -0.0) before the broadcast: two uops where one vbroadcastss from memory does (seen in the
+// compiled outer and expand loops, which broadcast once per rank).
+template <typename V, unsigned long... I>
+static inline V splat_lane0(V v, std::integer_sequence<unsigned long, I...>) {
+  return __builtin_shufflevector(v, v, (I * 0)...);
+}
+
 template <typename Acc> static inline typename Vec<Acc>::type bcast(Acc s) {
-  typename Vec<Acc>::type v = {};
-  return v + s;
+  typedef typename Vec<Acc>::type vt;
+  vt v = {s};
+  return splat_lane0(v, std::make_integer_sequence<unsigned long, Vec<Acc>::L>{});
 }
 
 // Load Vec<Acc>::L consecutive elements stored as T, converted to Acc.
