@@ -577,10 +577,14 @@ static inline __mmask16 first_lanes(int64_t count) {  // mask of the first min(c
 // rank pairs) halve the chain of k rp dependent vdpbf16ps per vector: 10-13% faster alone
 // (T=1024, d=1024, E=8, r=16, 2 threads, warm caches; 6% with cold ones). The fp32 expand
 // measured slower split the same way (0.29 against 0.26 ms): its loop is bound by its loads.
-template <int NV>
+// Split: rp is even, and the rank pairs go to two accumulator sets (a loop of its own: with a
+// second loop for an odd last pair GCC kept the accumulators on the stack, seen in the
+// compiled code).
+template <int NV, bool Split>
 static inline void expand_pairs_cols(const uint16_t* __restrict P, const uint32_t* __restrict Zt,
                                      const int64_t* idx_t, int64_t k, int64_t rp, uint16_t* yc,
                                      int64_t cc, int64_t valid) {
+  constexpr int step = Split ? 2 : 1;
   vf acc[NV], acc2[NV];
   for (int v = 0; v < NV; ++v) acc[v] = acc2[v] = vf{};
   for (int64_t j = 0; j < k; ++j) {
@@ -588,15 +592,13 @@ static inline void expand_pairs_cols(const uint16_t* __restrict P, const uint32_
     if (e < 0) continue;
     const uint32_t* z = Zt + j * rp;
     const uint16_t* row = P + (e * rp * kPanel + cc) * 2;
-    int64_t p = 0;
-    for (; p + 2 <= rp; p += 2, row += 4 * kPanel) {
-      const __m512i zz = _mm512_set1_epi32(int(z[p])), zz2 = _mm512_set1_epi32(int(z[p + 1]));
-      for (int v = 0; v < NV; ++v) acc[v] = dot_pairs(acc[v], zz, load64(row + v * 32));
-      for (int v = 0; v < NV; ++v) acc2[v] = dot_pairs(acc2[v], zz2, load64(row + 2 * kPanel + v * 32));
-    }
-    if (p < rp) {
+    for (int64_t p = 0; p < rp; p += step, row += 2 * step * kPanel) {
       const __m512i zz = _mm512_set1_epi32(int(z[p]));
       for (int v = 0; v < NV; ++v) acc[v] = dot_pairs(acc[v], zz, load64(row + v * 32));
+      if constexpr (Split) {
+        const __m512i zz2 = _mm512_set1_epi32(int(z[p + 1]));
+        for (int v = 0; v < NV; ++v) acc2[v] = dot_pairs(acc2[v], zz2, load64(row + 2 * kPanel + v * 32));
+      }
     }
   }
   for (int v = 0; v < NV; ++v) acc[v] += acc2[v];
@@ -623,8 +625,9 @@ static void expand_pairs_impl(const ExpandPairsArgs& a, int64_t item_begin, int6
       for (int64_t cc = 0; cc < valid; cc += NV * 16)
         for (int64_t t = t_begin; t < t_end; ++t) {
           if (t + kExpandPrefetch < t_end) prefetch_row(a.Y + (t + kExpandPrefetch) * n + c0 + cc, valid - cc < NV * 16 ? valid - cc : NV * 16);
-          expand_pairs_cols<NV>(P, a.Z + t * k * rp, a.idx + t * k, k, rp, a.Y + t * n + c0, cc,
-                                valid - cc);
+          uint16_t* yt = a.Y + t * n + c0;
+          if (rp % 2 == 0) expand_pairs_cols<NV, true>(P, a.Z + t * k * rp, a.idx + t * k, k, rp, yt, cc, valid - cc);
+          else expand_pairs_cols<NV, false>(P, a.Z + t * k * rp, a.idx + t * k, k, rp, yt, cc, valid - cc);
         }
     }
   }
