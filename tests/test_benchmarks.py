@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import shutil
 import sys
 from pathlib import Path
 
@@ -202,3 +203,20 @@ def test_busy_host_warning():
     assert report.busy_host(0.4, cores=2) is None
     assert report.busy_host(None, cores=2) is None
     assert "busy" in report.busy_host(3.0, cores=2)
+
+
+@pytest.mark.skipif(not any(map(shutil.which, ("c++", "g++", "clang++"))), reason="no C++ compiler")
+def test_cpu_kernel_bench_builds_and_reports_every_kernel(capfd):
+    """benchmarks.cpu_kernels compiles the kernels alone and times each one (an odd shape:
+    column and rank tails, an expert count that no item size divides)."""
+    from benchmarks import cpu_kernels
+
+    rc = cpu_kernels.main(["--T", "33", "--d", "70", "--E", "5", "--r", "5", "--k", "2", "--reps", "1",
+                           "--threads", "1"])
+    assert rc == 0
+    rows = {line.split("  ")[0].strip(): line for line in capfd.readouterr().out.splitlines()[1:]}
+    for kernel in ("shrink", "expand", "outer", "shrink bf16"):
+        assert kernel in rows, rows
+        assert float(rows[kernel].split()[-3]) > 0  # the multiply-add rate
+    with pytest.raises(SystemExit):
+        cpu_kernels.main(["--k", "3", "--E", "2"])
