@@ -160,10 +160,13 @@ int main(int argc, char** argv) {
       for (int64_t i = 0; i < r; ++i)
         Zs[(pair_offsets[e] + (q - offsets[e]) / 2) * r + i] |= uint32_t(to_bf16(Z[order[q] * r + i])) << (16 * ((q - offsets[e]) % 2));
 
-  // Item shapes as molora_cpu.cpp's (kExpandCols, kExpandTokens, kOuterCols).
-  const int64_t expand_cols = 256, expand_tokens = 64, outer_cols = 128;
+  // Item shapes as molora_cpu.cpp's (expand_blocks, kOuterCols).
+  const int64_t expand_cols = 128, outer_cols = 128;
+  const int64_t col_blocks = (n + expand_cols - 1) / expand_cols;
+  const int64_t wanted_blocks = std::min<int64_t>(T, std::max<int64_t>(1, (4 * o.threads + col_blocks - 1) / col_blocks));
+  const int64_t expand_tokens = (T + wanted_blocks - 1) / wanted_blocks;
   const int64_t token_blocks = (T + expand_tokens - 1) / expand_tokens;
-  const int64_t expand_items = (n + expand_cols - 1) / expand_cols * token_blocks;
+  const int64_t expand_items = col_blocks * token_blocks;
   const int64_t outer_items = (n + outer_cols - 1) / outer_cols * E;
   const double macs = double(T) * k * r * n;
   std::printf("kernels %s, T=%ld d=%ld E=%ld r=%ld k=%ld, %d thread(s), %s caches, best of %d\n", kt.name,
