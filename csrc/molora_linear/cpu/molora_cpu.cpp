@@ -861,9 +861,10 @@ std::tuple<Tensor, Tensor> cpu_forward(const Tensor& x, const Tensor& weight,
   scale_slots(h, expert_weights.contiguous(), idx, scaling, z);  // s g h
   Tensor yk = token_operand(y, acc);
   const bool pairs = bf16_pairs(kt, acc, {&lora_b, &yk});
-  // expand_pairs multiplies z as bf16; expand_direct then uses the same rounded z, so that the
-  // output does not depend on which expand a call takes (trainable adapters or not).
-  if (pairs) round_to_bf16(z);
+  // expand_pairs multiplies z as bf16 (rank_pairs rounds it); expand_direct then uses the same
+  // rounded z, so that the output does not depend on which expand a call takes (trainable
+  // adapters or not). Only that path rounds here: a serial pass over T k r values.
+  if (pairs && direct) round_to_bf16(z);
   if (direct) run_expand_direct(kt, adapter_as_read(lora_b, acc), z, idx, yk);
   else if (pairs) run_expand_pairs(kt, b_pairs(lora_b), z, idx, yk);
   else run_expand(kt, b_panels(lora_b, acc), z, idx, yk);
@@ -916,17 +917,20 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> cpu_backward(
       scalar_t* zhp = zh.data_ptr<scalar_t>();
       scalar_t* zup = zu.data_ptr<scalar_t>();
       const scalar_t s = static_cast<scalar_t>(scaling);
-      for (int64_t t = 0; t < n; ++t) {
-        const scalar_t c = gp[t] * s;
-        scalar_t dot = 0;
-        for (int64_t i = 0; i < r; ++i) {
-          if (ip[t] < 0) up[t * r + i] = 0;
-          dot += up[t * r + i] * hp[t * r + i];
-          zhp[t * r + i] = c * hp[t * r + i];
-          zup[t * r + i] = c * up[t * r + i];
+      // in parallel: T k r updates (32 K at T=1024, k=2, r=16) ran on one thread while the other waited
+      at::parallel_for(0, n, copy_grain(4 * r), [&](int64_t begin, int64_t end) {
+        for (int64_t t = begin; t < end; ++t) {
+          const scalar_t c = gp[t] * s;
+          scalar_t dot = 0;
+          for (int64_t i = 0; i < r; ++i) {
+            if (ip[t] < 0) up[t * r + i] = 0;
+            dot += up[t * r + i] * hp[t * r + i];
+            zhp[t * r + i] = c * hp[t * r + i];
+            zup[t * r + i] = c * up[t * r + i];
+          }
+          dgp[t] = dot * s;
         }
-        dgp[t] = dot * s;
-      }
+      });
     });
   }
 
