@@ -128,6 +128,46 @@ template <typename Acc> static inline Acc hsum(typename Vec<Acc>::type v) {
   return fold_lanes<L / 2, L>(v)[0];
 }
 
+// One level of fold_columns: a and b each hold 2*NB blocks of Bn lanes (NB = L / (2 Bn) column
+// groups); the result holds a's groups then b's, each folded (low half + high half) to Bn lanes.
+template <int Bn, int L, typename V, unsigned long... P>
+static inline V fold_pair(V a, V b, std::integer_sequence<unsigned long, P...>) {
+  constexpr unsigned long NB = L / (2 * Bn);
+  return __builtin_shufflevector(a, b, ((P / Bn >= NB ? L : 0) + (P / Bn % NB) * 2 * Bn + P % Bn)...) +
+         __builtin_shufflevector(a, b, ((P / Bn >= NB ? L : 0) + (P / Bn % NB) * 2 * Bn + P % Bn + Bn)...);
+}
+
+// v[0..L): partial sums of L columns, one vector each. After the call v[0] lane q = the lane
+// sum of the old v[q]: L - 1 pair folds of 2 shuffles and an add, against L tree reductions.
+template <int Bn, int L, typename V> static inline void fold_columns(V* v) {
+  for (int m = 0; m < Bn; ++m)
+    v[m] = fold_pair<Bn, L>(v[2 * m], v[2 * m + 1], std::make_integer_sequence<unsigned long, L>{});
+  if constexpr (Bn > 1) fold_columns<Bn / 2, L>(v);
+}
+
+
+// Writes the NT x NR dot products of a shrink block: acc[t][q] (vectors) lane-summed plus
+// tail[t][q]. With NT NR = L the L sums fold into one vector (fold_columns: L - 1 folds of 3
+// instructions) instead of L tree reductions of 2 log2(L).
+template <typename Acc, int NT, int NR>
+static inline void shrink_store(typename Vec<Acc>::type (&acc)[NT][NR], const Acc (&tail)[NT][NR],
+                                Acc* const* outs, int64_t i0) {
+  typedef typename Vec<Acc>::type vt;
+  if constexpr (NT * NR == Vec<Acc>::L) {
+    vt flat[NT * NR];
+    for (int t = 0; t < NT; ++t)
+      for (int q = 0; q < NR; ++q) flat[t * NR + q] = acc[t][q];
+    fold_columns<NT * NR / 2, NT * NR>(flat);
+    Acc sums[NT * NR];
+    storeu(sums, flat[0]);
+    for (int t = 0; t < NT; ++t)
+      for (int q = 0; q < NR; ++q) outs[t][i0 + q] = sums[t * NR + q] + tail[t][q];
+  } else {
+    for (int t = 0; t < NT; ++t)
+      for (int q = 0; q < NR; ++q) outs[t][i0 + q] = hsum<Acc>(acc[t][q]) + tail[t][q];
+  }
+}
+
 // ------------------------------------------------------------------------------------------
 // shrink: out[slot, i] = <M_e[i, :], X_t>, NT slots of one expert by NR ranks in registers.
 // Per vector step NT + NR loads feed NT * NR multiply-adds.
@@ -173,8 +213,8 @@ static inline void shrink_block_pairs(const uint16_t* __restrict Me, const uint1
   int64_t c = 0;
   for (; c + 32 <= n; c += 32) shrink_step_pairs<NT, NR, false>(acc, xs, rows, c, 0);
   if (c < n) shrink_step_pairs<NT, NR, true>(acc, xs, rows, c, first_words(n - c));
-  for (int t = 0; t < NT; ++t)
-    for (int q = 0; q < NR; ++q) outs[t][i0 + q] = hsum<float>(acc[t][q]);
+  const float none[NT][NR] = {};
+  shrink_store<float, NT, NR>(acc, none, outs, i0);
 }
 #endif
 
@@ -212,8 +252,7 @@ static inline void shrink_block(const Tm* __restrict Me, const Tx* const* xs, Ac
       for (int q = 0; q < NR; ++q) tail[t][q] += to_acc<Acc>(rows[q][c]) * xc;
     }
   }
-  for (int t = 0; t < NT; ++t)
-    for (int q = 0; q < NR; ++q) outs[t][i0 + q] = hsum<Acc>(acc[t][q]) + tail[t][q];
+  shrink_store<Acc, NT, NR>(acc, tail, outs, i0);
 }
 
 template <typename Acc, typename Tm, typename Tx, int NT>
@@ -357,22 +396,6 @@ static void expand_impl(const ExpandArgs& a, int64_t item_begin, int64_t item_en
 // summed in one vector; L columns' vectors are then reduced together (fold_columns), so one
 // read-modify-write of Y serves L outputs.
 // ------------------------------------------------------------------------------------------
-// One level of fold_columns: a and b each hold 2*NB blocks of Bn lanes (NB = L / (2 Bn) column
-// groups); the result holds a's groups then b's, each folded (low half + high half) to Bn lanes.
-template <int Bn, int L, typename V, unsigned long... P>
-static inline V fold_pair(V a, V b, std::integer_sequence<unsigned long, P...>) {
-  constexpr unsigned long NB = L / (2 * Bn);
-  return __builtin_shufflevector(a, b, ((P / Bn >= NB ? L : 0) + (P / Bn % NB) * 2 * Bn + P % Bn)...) +
-         __builtin_shufflevector(a, b, ((P / Bn >= NB ? L : 0) + (P / Bn % NB) * 2 * Bn + P % Bn + Bn)...);
-}
-
-// v[0..L): partial sums of L columns, one vector each. After the call v[0] lane q = the lane
-// sum of the old v[q]: L - 1 pair folds of 2 shuffles and an add, against L tree reductions.
-template <int Bn, int L, typename V> static inline void fold_columns(V* v) {
-  for (int m = 0; m < Bn; ++m)
-    v[m] = fold_pair<Bn, L>(v[2 * m], v[2 * m + 1], std::make_integer_sequence<unsigned long, L>{});
-  if constexpr (Bn > 1) fold_columns<Bn / 2, L>(v);
-}
 
 // Partial sums of the W output columns from c of one token: acc[q] over the vector part of the
 // ranks, tail[q] over the rest. Ranks outer, columns inner: the unrolled inner loop is one
