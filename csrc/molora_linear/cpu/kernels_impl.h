@@ -145,7 +145,6 @@ template <int Bn, int L, typename V> static inline void fold_columns(V* v) {
   if constexpr (Bn > 1) fold_columns<Bn / 2, L>(v);
 }
 
-
 // Writes the NT x NR dot products of a shrink block: acc[t][q] (vectors) lane-summed plus
 // tail[t][q]. With NT NR = L the L sums fold into one vector (fold_columns: L - 1 folds of 3
 // instructions) instead of L tree reductions of 2 log2(L).
@@ -396,7 +395,6 @@ static void expand_impl(const ExpandArgs& a, int64_t item_begin, int64_t item_en
 // summed in one vector; L columns' vectors are then reduced together (fold_columns), so one
 // read-modify-write of Y serves L outputs.
 // ------------------------------------------------------------------------------------------
-
 // Partial sums of the W output columns from c of one token: acc[q] over the vector part of the
 // ranks, tail[q] over the rest. Ranks outer, columns inner: the unrolled inner loop is one
 // load-multiply-add each.
@@ -591,15 +589,14 @@ static inline __mmask16 first_lanes(int64_t count) {  // mask of the first min(c
 }
 
 // Y_t[c0 + cc ..][NV * 16 columns] += the token's k slots; `valid` columns of Y exist from cc.
-// The panel is zero-padded, so only Y's accesses are masked. Two accumulator sets (even and odd
-// rank pairs) halve the chain of k rp dependent vdpbf16ps per vector: 10-13% faster alone
-// (T=1024, d=1024, E=8, r=16, 2 threads, warm caches; 6% with cold ones). The fp32 expand
-// measured slower split the same way (0.29 against 0.26 ms): its loop is bound by its loads.
-// Split: rp is even, and the rank pairs go to two accumulator sets (a loop of its own: with a
-// second loop for an odd last pair GCC kept the accumulators on the stack, seen in the
-// compiled code). Always inlined: as a call of its own (GCC's choice) it zeroed, spilled and
-// reloaded its accumulators through the stack on every call, once per token and 64 columns
-// (0.163 -> 0.130 ms inlined, benchmarks.cpu_kernels).
+// The panel is zero-padded, so only Y's accesses are masked. With Split (rp even) the even and
+// odd rank pairs go to two accumulator sets, halving each vector's chain of k rp dependent
+// vdpbf16ps: 10-13% faster alone (T=1024, d=1024, E=8, r=16, 2 threads, warm caches; 6% cold).
+// The fp32 expand measured slower split the same way (0.29 against 0.26 ms): its loop is bound
+// by its loads. One loop per instantiation: with a second loop for an odd last pair GCC kept
+// the accumulators on the stack. Always inlined: as a call of its own (GCC's choice) it zeroed,
+// spilled and reloaded its accumulators through the stack on every call, once per token and
+// 64 columns (0.163 -> 0.130 ms inlined, benchmarks.cpu_kernels).
 template <int NV, bool Split>
 __attribute__((always_inline)) static inline void expand_pairs_cols(
     const uint16_t* __restrict P, const uint32_t* __restrict Zt, const int64_t* idx_t, int64_t k,
